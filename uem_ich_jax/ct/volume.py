@@ -1,0 +1,92 @@
+"""The one volume type every reader returns, and the error every reader raises."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+AIR_HU = -1024.0
+
+
+class CTReadError(ValueError):
+  """Input that cannot be read as CT; the message names the file and the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+  """Where a volume came from and what was odd about it."""
+
+  source_files: tuple[str, ...] = ()
+  # One per slice, in slice order; empty strings for NIfTI or phantom input.
+  sop_instance_uids: tuple[str, ...] = ()
+  series_uid: str = ""
+  study_uid: str = ""
+  patient_id: str = ""
+  series_description: str = ""
+  kernel: str = ""
+  modality: str = "CT"
+  # Angle between the slice stacking direction and the slice normal, measured
+  # from positions and orientation, with the sign dcm2niix reports.
+  gantry_tilt_deg: float = 0.0
+  spacing_varies: bool = False
+  warnings: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CTVolume:
+  """A CT volume in Hounsfield units with its patient geometry.
+
+  Attributes:
+    hu: float32 array (slice, row, column) in HU.
+    positions: (slice, 3) position of each slice's first voxel in DICOM patient
+      coordinates (LPS), mm.
+    affine: 4x4 map from voxel indices (slice, row, column) to LPS mm. Exact
+      when slice spacing is uniform; built from the median spacing otherwise.
+    spacing: (slice, row, column) in mm. The slice entry is the distance between
+      slice planes along their normal, the median when it varies.
+    affine_is_approximate: True when the affine cannot place every slice
+      exactly (varying spacing); use `positions` for those.
+    provenance: source files, UIDs and what the reader noticed.
+  """
+
+  hu: np.ndarray
+  positions: np.ndarray
+  affine: np.ndarray
+  spacing: tuple[float, float, float]
+  affine_is_approximate: bool = False
+  provenance: Provenance = Provenance()
+
+  def __post_init__(self):
+    if self.hu.ndim != 3:
+      raise ValueError(f"hu must be (slice, row, column), got shape {self.hu.shape}")
+    if self.positions.shape != (self.hu.shape[0], 3):
+      raise ValueError(
+          f"positions must be ({self.hu.shape[0]}, 3), got {self.positions.shape}"
+      )
+    if self.affine.shape != (4, 4):
+      raise ValueError(f"affine must be 4x4, got {self.affine.shape}")
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return tuple(self.hu.shape)
+
+  @property
+  def num_slices(self) -> int:
+    return self.hu.shape[0]
+
+  @property
+  def slice_normal(self) -> np.ndarray:
+    """Unit normal of the slice planes (row direction x column direction), LPS."""
+    row_step = self.affine[:3, 1]  # Moving down a column (increasing row index).
+    column_step = self.affine[:3, 2]  # Moving along a row (increasing column index).
+    normal = np.cross(column_step, row_step)
+    return normal / np.linalg.norm(normal)
+
+  @property
+  def slice_positions_mm(self) -> np.ndarray:
+    """Each slice's position along the slice normal, mm."""
+    return self.positions @ self.slice_normal
