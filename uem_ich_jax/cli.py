@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from uem_ich_jax.errors import InputError
+
 
 def _inspect(args: argparse.Namespace) -> int:
   from uem_ich_jax.ct import inspect as ct_inspect
@@ -67,11 +69,9 @@ def main(argv: list[str] | None = None) -> int:
       level=logging.DEBUG if args.verbose else logging.INFO,
       format="%(levelname)s %(name)s: %(message)s",
   )
-  from uem_ich_jax.ct.volume import CTReadError
-
   try:
     return args.run(args)
-  except CTReadError as error:
+  except InputError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
 

@@ -7,12 +7,14 @@ import logging
 
 import numpy as np
 
+from uem_ich_jax.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 AIR_HU = -1024.0
 
 
-class CTReadError(ValueError):
+class CTReadError(InputError):
   """Input that cannot be read as CT; the message names the file and the reason."""
 
 
@@ -34,6 +36,11 @@ class Provenance:
   gantry_tilt_deg: float = 0.0
   spacing_varies: bool = False
   warnings: tuple[str, ...] = ()
+  # First WindowCenter/WindowWidth of the DICOM header (HU), None when absent.
+  window_center: float | None = None
+  window_width: float | None = None
+  # MONOCHROME1 means display inverted; HU are the same either way.
+  photometric_interpretation: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
