@@ -21,7 +21,8 @@ class PhantomScan:
     slice_labels: uint8 (slice, 6) in the order of `uem_ich_jax.SLICE_LABELS`.
     scan_labels: name to 0/1, at least every entry of `SLICE_LABELS`.
     boxes: per slice, float32 (n, 4) boxes (row_min, column_min, row_max,
-      column_max) in pixels, one per connected bleed region of that slice.
+      column_max) in pixels, min inclusive and max exclusive, one per
+      8-connected region of one class on that slice.
     box_classes: per slice, int32 (n,) mask class id of each box.
     hematoma_ml: subtype name to blood volume in mL.
     patient_id: the patient this scan belongs to (several scans may share one).
