@@ -1,0 +1,275 @@
+"""The `synthetic_ich` TFDS builder: seeded phantom head CT with hemorrhage labels.
+
+Needs no download and no TensorFlow: examples are written as array_record and
+images are stored as zlib-compressed uint8 `Tensor` features, which TFDS encodes
+and decodes in numpy (`tfds.features.Image` would call TensorFlow to encode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+import uem_ich_jax
+from uem_ich_jax import phantom
+from uem_ich_jax.ct.windows import windows_uint8
+from uem_ich_jax.phantom import PhantomScan
+
+_DESCRIPTION = """\
+Synthetic non-contrast head CT from the uem_ich_jax phantom generator, with
+slice labels (any, epidural, intraparenchymal, intraventricular, subarachnoid,
+subdural), BHSD-style masks (class ids 1..5), boxes and hematoma volumes.
+Every example carries a patient-level `fold`; train on folds != k and evaluate
+on fold k.
+"""
+
+SLICES = "slices"
+SCANS = "scans"
+
+
+@dataclasses.dataclass
+class SyntheticIchConfig(tfds.core.BuilderConfig):
+  """Size and layout of one `synthetic_ich` build.
+
+  Attributes:
+    layout: `slices` (one example per slice) or `scans` (one example per scan).
+    num_scans: number of generated scans, follow-up scans included.
+    num_slices: slices per scan.
+    image_size: rows and columns of every slice, in pixels.
+    field_of_view_mm: in-plane width of the image; the pixel spacing is this
+      divided by `image_size`, so every size shows the whole head.
+    coverage_mm: craniocaudal extent of the scan. The slice spacing is this
+      divided by `num_slices`, so that few slices still span the brain,
+      because the phantom rejects grids too thin to hold a bleed.
+    num_folds: number of patient-level folds.
+    seed: scan i is generated from seed `seed + i`; folds are shuffled with it.
+    followup_every: every n-th patient gets a second (follow-up) scan, so that
+      scans of one patient exist and fold assignment must keep them together;
+      0 gives every patient a single scan. NOTE: a follow-up is a new phantom
+      from its own seed that shares only the patient id, not the same head.
+  """
+
+  layout: str = SLICES
+  num_scans: int = 40
+  num_slices: int = 24
+  image_size: int = 128
+  field_of_view_mm: float = 230.0
+  coverage_mm: float = 120.0
+  num_folds: int = 5
+  seed: int = 0
+  followup_every: int = 3
+
+
+def _configs() -> list[SyntheticIchConfig]:
+  configs = []
+  for layout in (SLICES, SCANS):
+    configs.append(
+        SyntheticIchConfig(
+            name=layout,
+            layout=layout,
+            description=f"{layout}: 40 scans x 24 slices x 128 px (the default, builds fast)",
+        )
+    )
+    configs.append(
+        SyntheticIchConfig(
+            name=f"{layout}_large",
+            layout=layout,
+            num_scans=400,
+            num_slices=32,
+            image_size=256,
+            description=f"{layout}: 400 scans x 32 slices x 256 px",
+        )
+    )
+  return configs
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedScan:
+  """One scan to generate: its position in the build, its seed and its patient."""
+
+  scan_index: int
+  seed: int
+  patient_id: str
+  fold: int
+
+
+def plan_scans(config: SyntheticIchConfig) -> list[PlannedScan]:
+  """Assign seeds, patients and folds to the scans of a build.
+
+  Folds come from a seeded balanced assignment: the patients are permuted with
+  `config.seed` and patient j of the permutation goes to fold j mod k. So fold
+  sizes differ by at most one patient, and the same config always gives the same
+  folds.
+  """
+  if config.num_scans < 1:
+    raise ValueError(f"num_scans must be at least 1, got {config.num_scans}")
+  if config.num_folds < 1:
+    raise ValueError(f"num_folds must be at least 1, got {config.num_folds}")
+
+  patient_of_scan = []
+  patient = 0
+  while len(patient_of_scan) < config.num_scans:
+    scans_of_patient = 1
+    if config.followup_every and patient % config.followup_every == config.followup_every - 1:
+      scans_of_patient = 2
+    patient_of_scan.extend([patient] * scans_of_patient)
+    patient += 1
+  patient_of_scan = patient_of_scan[: config.num_scans]
+
+  num_patients = patient_of_scan[-1] + 1
+  order = np.random.default_rng(config.seed).permutation(num_patients)
+  fold_of_patient = np.empty(num_patients, dtype=np.int64)
+  fold_of_patient[order] = np.arange(num_patients) % config.num_folds
+
+  return [
+      PlannedScan(
+          scan_index=index,
+          seed=config.seed + index,
+          patient_id=f"synth-{config.seed}-{patient:05d}",
+          fold=int(fold_of_patient[patient]),
+      )
+      for index, patient in enumerate(patient_of_scan)
+  ]
+
+
+def fold_ranges(folds: list[int]) -> list[list[int]]:
+  """Run-length encode per-example folds as [start, stop, fold] rows."""
+  ranges = []
+  for index, fold in enumerate(folds):
+    if ranges and ranges[-1][2] == fold and ranges[-1][1] == index:
+      ranges[-1][1] = index + 1
+    else:
+      ranges.append([index, index + 1, int(fold)])
+  return ranges
+
+
+def _generate_scan(planned: PlannedScan, config: SyntheticIchConfig) -> PhantomScan:
+  shape = (config.num_slices, config.image_size, config.image_size)
+  pixel_mm = config.field_of_view_mm / config.image_size
+  return phantom.generate_scan(
+      planned.seed,
+      shape,
+      spacing_mm=(config.coverage_mm / config.num_slices, pixel_mm, pixel_mm),
+      patient_id=planned.patient_id,
+  )
+
+
+class SyntheticIch(tfds.core.GeneratorBasedBuilder):
+  """Seeded synthetic head CT with the five hemorrhage subtypes."""
+
+  name = "synthetic_ich"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release: slices and scans layouts, patient folds."}
+  BUILDER_CONFIGS = _configs()
+  DEFAULT_CONFIG_NAME = SLICES
+  # Configs that `uem-ich build-dataset synthetic_ich` builds when no config is
+  # named; the large variants are built only on request.
+  DEFAULT_BUILD_CONFIGS = (SLICES, SCANS)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config = self.builder_config
+    size = config.image_size
+    text = tfds.features.Text()
+    zlib = tfds.features.Encoding.ZLIB
+    if config.layout == SLICES:
+      features = {
+          "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding=zlib),
+          "mask": tfds.features.Tensor(shape=(size, size), dtype=np.uint8, encoding=zlib),
+          "labels": tfds.features.Tensor(shape=(len(uem_ich_jax.SLICE_LABELS),), dtype=np.uint8),
+          # (row_min, column_min, row_max, column_max) in pixel edges, max exclusive.
+          "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+          "box_classes": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+          "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
+          "slice_index": np.int32,
+          "scan_id": text,
+          "patient_id": text,
+          "fold": np.int32,
+      }
+    elif config.layout == SCANS:
+      slices = config.num_slices
+      features = {
+          "image": tfds.features.Tensor(
+              shape=(slices, size, size, 3), dtype=np.uint8, encoding=zlib
+          ),
+          "mask": tfds.features.Tensor(shape=(slices, size, size), dtype=np.uint8, encoding=zlib),
+          "labels": tfds.features.Tensor(shape=(len(uem_ich_jax.SLICE_LABELS),), dtype=np.uint8),
+          "slice_labels": tfds.features.Tensor(
+              shape=(slices, len(uem_ich_jax.SLICE_LABELS)), dtype=np.uint8
+          ),
+          # mL of blood per subtype, in the order of `uem_ich_jax.SUBTYPES`.
+          "hematoma_ml": tfds.features.Tensor(
+              shape=(len(uem_ich_jax.SUBTYPES),), dtype=np.float32
+          ),
+          "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
+          "scan_id": text,
+          "patient_id": text,
+          "fold": np.int32,
+      }
+    else:
+      raise ValueError(f"unknown layout {config.layout!r}; expected {SLICES!r} or {SCANS!r}")
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=_DESCRIPTION,
+        features=tfds.features.FeaturesDict(features),
+        metadata=tfds.core.MetadataDict(),
+        # Examples keep generation order on disk, so example i of the split is
+        # key i and the fold ranges in the metadata index the data source
+        # directly. The grain pipeline shuffles at read time.
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Nothing to download.
+    config = self.builder_config
+    plan = plan_scans(config)
+    if config.layout == SLICES:
+      example_folds = [p.fold for p in plan for _ in range(config.num_slices)]
+    else:
+      example_folds = [p.fold for p in plan]
+    # Saved with the dataset info, so that readers select folds without
+    # decoding examples.
+    self.info.metadata["num_folds"] = config.num_folds
+    self.info.metadata["fold_ranges"] = {"train": fold_ranges(example_folds)}
+    return {"train": self._generate_examples(plan)}
+
+  def _generate_examples(self, plan: list[PlannedScan]) -> Iterator[tuple[int, dict]]:
+    config = self.builder_config
+    for planned in plan:
+      scan = _generate_scan(planned, config)
+      image = windows_uint8(scan.volume.hu)
+      spacing = np.asarray(scan.volume.spacing, dtype=np.float32)
+      labels = np.asarray(
+          [scan.scan_labels[name] for name in uem_ich_jax.SLICE_LABELS], dtype=np.uint8
+      )
+      if config.layout == SCANS:
+        yield planned.scan_index, {
+            "image": image,
+            "mask": scan.mask.astype(np.uint8),
+            "labels": labels,
+            "slice_labels": scan.slice_labels.astype(np.uint8),
+            "hematoma_ml": np.asarray(
+                [scan.hematoma_ml.get(name, 0.0) for name in uem_ich_jax.SUBTYPES],
+                dtype=np.float32,
+            ),
+            "spacing": spacing,
+            "scan_id": scan.scan_id,
+            "patient_id": scan.patient_id,
+            "fold": planned.fold,
+        }
+        continue
+      for slice_index in range(config.num_slices):
+        yield planned.scan_index * config.num_slices + slice_index, {
+            "image": image[slice_index],
+            "mask": scan.mask[slice_index].astype(np.uint8),
+            "labels": scan.slice_labels[slice_index].astype(np.uint8),
+            "boxes": np.asarray(scan.boxes[slice_index], dtype=np.float32).reshape(-1, 4),
+            "box_classes": np.asarray(scan.box_classes[slice_index], dtype=np.int32),
+            "spacing": spacing,
+            "slice_index": slice_index,
+            "scan_id": scan.scan_id,
+            "patient_id": scan.patient_id,
+            "fold": planned.fold,
+        }

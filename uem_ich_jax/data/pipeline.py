@@ -1,0 +1,323 @@
+"""grain input pipelines over TFDS array_record data sources.
+
+`tfds.data_source` gives random access to the examples. The pipelines pick the
+examples of the requested folds and shard them over processes. They then
+shuffle, read, augment, convert the stored uint8 windows to float32 in [-1, 1]
+and batch.
+
+Batches hold numpy arrays for this process only (`batch_size` is per process);
+the trainer turns them into global `jax.Array`s. Every batch has a boolean
+`valid` (batch,): all True in training, False on the padding that evaluation
+adds so that no example is dropped and none is counted twice.
+
+Worker processes: with `worker_count > 0`, grain 0.2.18's `mp_prefetch` starts
+its workers with the multiprocessing "spawn" method, so they never fork a
+process in which JAX has started. grain 0.2.18 imports the jax module itself,
+but the transforms here use numpy only, so a worker never starts a JAX backend. Batches from workers live in shared memory until
+they are garbage collected; close the iterator (`iterator.close()`) when done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+from absl import flags
+import numpy as np
+import tensorflow_datasets as tfds
+
+from uem_ich_jax.ct.windows import uint8_to_model_input
+from uem_ich_jax.data import augment as augment_lib
+from uem_ich_jax.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+class DataPipelineError(InputError):
+  """Invalid pipeline input (folds, shard, batch size); the message names the value."""
+
+
+def load_source(name: str, *, split: str = "train", data_dir: str | None = None):
+  """Open `split` of the built TFDS dataset `name` (for example "synthetic_ich/slices").
+
+  Only array_record datasets support random access; build them with
+  `uem-ich build-dataset`.
+  """
+  return tfds.data_source(name, split=split, data_dir=data_dir)
+
+
+def _metadata_fold_ranges(source: Any) -> list | None:
+  info = getattr(source, "dataset_info", None)
+  metadata = getattr(info, "metadata", None)
+  if metadata is None:
+    return None
+  # TFDS's LazyMetadataDict loads its file in items(), not in get().
+  entries = dict(metadata.items())
+  split = str(getattr(source, "split", "train"))
+  ranges = entries.get("fold_ranges", {}).get(split)
+  if ranges is None:
+    return None
+  total = sum(stop - start for start, stop, _ in ranges)
+  if total != len(source):
+    # A split slice such as "train[:50%]" no longer matches the stored ranges.
+    logger.warning(
+        "fold_ranges in the metadata of %s cover %d examples but the split %r has %d;"
+        " reading the fold of every example instead",
+        info.name,
+        total,
+        split,
+        len(source),
+    )
+    return None
+  return ranges
+
+
+def fold_indices(source: Any, folds: Sequence[int]) -> np.ndarray:
+  """Indices of the examples of `source` whose `fold` is in `folds`, ascending.
+
+  Uses the `fold_ranges` a builder stores in its metadata (see the synthetic_ich
+  builder), which costs nothing; without it every example is read once.
+  """
+  requested = {int(fold) for fold in folds}
+  if not requested:
+    raise DataPipelineError("folds is empty; name at least one fold to read")
+
+  ranges = _metadata_fold_ranges(source)
+  if ranges is not None:
+    parts = [np.arange(start, stop) for start, stop, fold in ranges if fold in requested]
+    indices = np.concatenate(parts) if parts else np.zeros((0,), dtype=np.int64)
+    return np.sort(indices).astype(np.int64)
+
+  # TODO: a builder without stored fold ranges costs a full read of the split
+  # (images included) here; store the ranges in every builder's metadata.
+  logger.warning("no fold_ranges in the dataset metadata; reading all %d examples", len(source))
+  return np.array(
+      [index for index in range(len(source)) if int(source[index]["fold"]) in requested],
+      dtype=np.int64,
+  )
+
+
+def other_folds(fold: int, num_folds: int) -> list[int]:
+  """Return all folds but `fold`: the training folds when `fold` is evaluated."""
+  if not 0 <= fold < num_folds:
+    raise DataPipelineError(f"fold {fold} is outside 0..{num_folds - 1}")
+  return [k for k in range(num_folds) if k != fold]
+
+
+def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+  if shard_index is None or shard_count is None:
+    # jax.process_index() starts the JAX backend, so it runs only when the
+    # caller gives no shard.
+    import jax
+
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= shard_index < shard_count:
+    raise DataPipelineError(f"shard_index {shard_index} is outside 0..{shard_count - 1}")
+  return shard_index, shard_count
+
+
+@dataclasses.dataclass
+class ReadExample(grain.transforms.Map):
+  """Read example `index` of the data source; index -1 gives a padding example."""
+
+  source: Any
+  padding: dict[str, Any] | None = None
+
+  def map(self, index: int) -> dict[str, Any]:
+    if index < 0:
+      if self.padding is None:
+        raise DataPipelineError("padding index -1 in a pipeline without a padding example")
+      return dict(self.padding)
+    example = dict(self.source[int(index)])
+    example["valid"] = np.bool_(True)
+    return example
+
+
+@dataclasses.dataclass
+class ToModelInput(grain.transforms.Map):
+  """Convert the uint8 image to float32 in [-1, 1] and text ids to bytes."""
+
+  def map(self, example: dict[str, Any]) -> dict[str, Any]:
+    out = dict(example)
+    out["image"] = np.asarray(uint8_to_model_input(np.asarray(example["image"])), np.float32)
+    for key in ("scan_id", "patient_id"):
+      if key in out and isinstance(out[key], str):
+        out[key] = out[key].encode()
+    return out
+
+
+@dataclasses.dataclass
+class RandomAugment(grain.transforms.RandomMap):
+  """`augment.random_augment` with grain's per-example generator."""
+
+  config: augment_lib.AugmentConfig
+
+  def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    return augment_lib.random_augment(example, rng, self.config)
+
+
+@dataclasses.dataclass
+class PadBoxes(grain.transforms.Map):
+  """Pad `boxes` to (max_boxes, 4) and `box_classes` to (max_boxes,) with class 0.
+
+  Class 0 (background) marks padding. Boxes beyond `max_boxes` are dropped with
+  a warning.
+  """
+
+  max_boxes: int
+
+  def map(self, example: dict[str, Any]) -> dict[str, Any]:
+    if "boxes" not in example:
+      return example
+    out = dict(example)
+    boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
+    classes = np.asarray(example["box_classes"], np.int32).reshape(-1)
+    if boxes.shape[0] > self.max_boxes:
+      logger.warning(
+          "example of scan %r has %d boxes; keeping the first max_boxes=%d",
+          example.get("scan_id"),
+          boxes.shape[0],
+          self.max_boxes,
+      )
+      boxes, classes = boxes[: self.max_boxes], classes[: self.max_boxes]
+    out["boxes"] = np.zeros((self.max_boxes, 4), np.float32)
+    out["boxes"][: boxes.shape[0]] = boxes
+    out["box_classes"] = np.zeros((self.max_boxes,), np.int32)
+    out["box_classes"][: classes.shape[0]] = classes
+    return out
+
+
+def _padding_example(source: Any, index: int) -> dict[str, Any]:
+  """Build an example shaped like `source[index]`: zeros, empty ids, `valid` False."""
+  example = dict(source[int(index)])
+  padding = {}
+  for key, value in example.items():
+    if isinstance(value, (bytes, str)):
+      padding[key] = type(value)()
+    else:
+      array = np.asarray(value)
+      if array.ndim and 0 in array.shape:
+        padding[key] = array
+      else:
+        padding[key] = np.zeros_like(array)
+  padding["valid"] = np.bool_(False)
+  if "boxes" in padding:
+    padding["boxes"] = np.zeros((0, 4), np.float32)
+    padding["box_classes"] = np.zeros((0,), np.int32)
+  return padding
+
+
+def _finish(
+    dataset: grain.MapDataset, worker_count: int, read_threads: int
+) -> grain.IterDataset:
+  iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
+  if worker_count > 0:
+    # grain 0.2.18 reads its absl flags when it starts workers, which fails in
+    # a program that never parsed absl flags (pytest, the uem-ich command), so
+    # their defaults are taken as parsed.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter_dataset
+
+
+def train_dataset(
+    source: Any,
+    *,
+    folds: Sequence[int],
+    batch_size: int,
+    seed: int,
+    augment: augment_lib.AugmentConfig | None = augment_lib.AugmentConfig(),
+    max_boxes: int = 16,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+    read_threads: int = 4,
+) -> grain.IterDataset:
+  """Shuffled, augmented training batches of the examples in `folds`.
+
+  Args:
+    source: a TFDS data source (`load_source`).
+    folds: folds to train on (see `other_folds`).
+    batch_size: examples per batch in this process; the last partial batch of
+      each pass is dropped.
+    seed: seeds the shuffle and the augmentation; the same seed, shard and
+      sizes give the same batches.
+    augment: augmentation ranges, or None for none.
+    max_boxes: boxes per example after padding.
+    num_epochs: passes over the data, or None to repeat forever.
+    shard_index, shard_count: this process's share of the examples; default
+      `jax.process_index()` and `jax.process_count()`. Every shard gets the same
+      number of examples (up to shard_count - 1 are left out), so that every
+      process takes the same number of steps.
+    worker_count: grain worker processes (0 reads in this process).
+    read_threads: threads that read and transform examples in each process.
+
+  Returns:
+    A grain `IterDataset`; its iterators support `get_state`/`set_state`.
+  """
+  if batch_size < 1:
+    raise DataPipelineError(f"batch_size must be at least 1, got {batch_size}")
+  shard_index, shard_count = _resolve_shard(shard_index, shard_count)
+  indices = fold_indices(source, folds)
+  per_shard = len(indices) // shard_count
+  if per_shard < batch_size:
+    raise DataPipelineError(
+        f"folds {list(folds)} hold {len(indices)} examples, {per_shard} per shard over"
+        f" {shard_count} shards: fewer than one batch of {batch_size}"
+    )
+  shard = indices[: per_shard * shard_count][shard_index::shard_count]
+
+  dataset = grain.MapDataset.source(shard.tolist()).shuffle(seed=seed)
+  dataset = dataset.repeat(num_epochs)
+  dataset = dataset.map(ReadExample(source))
+  dataset = dataset.map(ToModelInput())
+  if augment is not None:
+    dataset = dataset.random_map(RandomAugment(augment), seed=seed)
+  dataset = dataset.map(PadBoxes(max_boxes))
+  dataset = dataset.batch(batch_size, drop_remainder=True)
+  return _finish(dataset, worker_count, read_threads)
+
+
+def eval_dataset(
+    source: Any,
+    *,
+    folds: Sequence[int],
+    batch_size: int,
+    max_boxes: int = 16,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+    read_threads: int = 4,
+) -> grain.IterDataset:
+  """One ordered pass over the examples in `folds`, padded to whole batches.
+
+  Each shard gets `ceil(ceil(n / shard_count) / batch_size)` batches, so every
+  process runs the same number of evaluation steps. The padding examples are
+  zeros with `valid` False; summing over `valid` counts every example exactly
+  once over all shards.
+  """
+  if batch_size < 1:
+    raise DataPipelineError(f"batch_size must be at least 1, got {batch_size}")
+  shard_index, shard_count = _resolve_shard(shard_index, shard_count)
+  indices = fold_indices(source, folds)
+  if len(indices) == 0:
+    raise DataPipelineError(f"folds {list(folds)} hold no examples")
+
+  shard = indices[shard_index::shard_count]
+  per_shard = -(-len(indices) // shard_count)
+  num_batches = -(-per_shard // batch_size)
+  padded = np.full((num_batches * batch_size,), -1, dtype=np.int64)
+  padded[: len(shard)] = shard
+
+  dataset = grain.MapDataset.source(padded.tolist())
+  dataset = dataset.map(ReadExample(source, padding=_padding_example(source, indices[0])))
+  dataset = dataset.map(ToModelInput())
+  dataset = dataset.map(PadBoxes(max_boxes))
+  dataset = dataset.batch(batch_size, drop_remainder=False)
+  return _finish(dataset, worker_count, read_threads)
