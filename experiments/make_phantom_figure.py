@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from uem_ich_jax import MASK_CLASS_IDS, SUBTYPES
-from uem_ich_jax.ct import windows
+from uem_ich_jax.ct import windowing
 from uem_ich_jax.phantom import generate_scan
 
 # Outline colour per mask class id (RGB).
@@ -41,7 +41,7 @@ def _pick_slice(mask: np.ndarray, num_slices: int) -> int:
 
 
 def _tile(hu: np.ndarray, mask: np.ndarray, channel: int, outline: bool) -> Image.Image:
-  gray = windows.windows_uint8(hu)[..., channel]
+  gray = windowing.windows_uint8(hu)[..., channel]
   rgb = np.repeat(gray[..., None], 3, axis=-1)
   if outline:
     for class_id, color in COLORS.items():
@@ -60,7 +60,7 @@ def make_figure(seed: int, output: pathlib.Path) -> None:
     hu, mask = scan.volume.hu[k], scan.mask[k]
     tiles = [
         _tile(hu, mask, channel, outline=channel < 2 and bool(subtypes))
-        for channel in range(windows.NUM_CHANNELS)
+        for channel in range(windowing.NUM_CHANNELS)
     ]
     width = sum(t.width for t in tiles)
     row = Image.new("RGB", (width, tiles[0].height + LABEL_HEIGHT))
@@ -68,7 +68,7 @@ def make_figure(seed: int, output: pathlib.Path) -> None:
     for tile in tiles:
       row.paste(tile, (x, LABEL_HEIGHT))
       x += tile.width
-    names = " / ".join(windows.WINDOW_NAMES)
+    names = " / ".join(windowing.WINDOW_NAMES)
     ImageDraw.Draw(row).text((4, 3), f"{title}  (slice {k}; {names} windows)", fill=(255, 255, 255))
     rows.append(row)
   figure = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from uem_ich_jax import data
-from uem_ich_jax.ct.windows import uint8_to_model_input
+from uem_ich_jax.ct.windowing import uint8_to_model_input
 from uem_ich_jax.data import augment
 from uem_ich_jax.datasets.synthetic_ich import SyntheticIch, SyntheticIchConfig
 

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 import uem_ich_jax
 from uem_ich_jax import phantom
-from uem_ich_jax.ct.windows import windows_uint8
+from uem_ich_jax.ct.windowing import windows_uint8
 from uem_ich_jax.phantom import PhantomScan
 
 _DESCRIPTION = """\

@@ -29,7 +29,7 @@ from absl import flags
 import numpy as np
 import tensorflow_datasets as tfds
 
-from uem_ich_jax.ct.windows import uint8_to_model_input
+from uem_ich_jax.ct.windowing import uint8_to_model_input
 from uem_ich_jax.data import augment as augment_lib
 from uem_ich_jax.errors import InputError
 
