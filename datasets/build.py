@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import pathlib
 import pkgutil
 import sys
+import tempfile
 import time
 
 import tensorflow_datasets as tfds
@@ -81,6 +83,20 @@ def _config_names(
   return list(getattr(builder_class, "DEFAULT_BUILD_CONFIGS", available))
 
 
+def _check_writable(data_dir: str) -> None:
+  """Fail before any work when `data_dir` cannot be created or written."""
+  path = pathlib.Path(data_dir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as error:
+    raise DatasetBuildError(
+        f"data dir {data_dir} is not a writable folder ({error.strerror or error});"
+        " pass another --data-dir"
+    ) from error
+
+
 def build_dataset(
     name: str,
     *,
@@ -95,7 +111,8 @@ def build_dataset(
   otherwise, so that logs get one line per config instead.
 
   Raises:
-    DatasetBuildError: `name` or `config` is unknown.
+    DatasetBuildError: `name` or `config` is unknown, or `data_dir` cannot be
+      written.
   """
   builder_class = _builder_class(name)
   config_names = _config_names(builder_class, config)
@@ -105,6 +122,7 @@ def build_dataset(
   else:
     tfds.disable_progress_bar()
 
+  _check_writable(data_dir)
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   results = []
   for config_name in config_names:
@@ -114,7 +132,10 @@ def build_dataset(
     builder = tfds.builder(
         label, data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD
     )
-    builder.download_and_prepare(download_config=download_config)
+    try:
+      builder.download_and_prepare(download_config=download_config)
+    except OSError as error:
+      raise DatasetBuildError(f"building {label} into {data_dir} failed: {error}") from error
     seconds = time.perf_counter() - start
 
     counts = {split: info.num_examples for split, info in builder.info.splits.items()}

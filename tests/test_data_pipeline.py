@@ -326,3 +326,16 @@ def test_global_batch_on_four_cpu_devices():
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().endswith("ok")
+
+
+def test_load_source_of_unbuilt_dataset_names_the_build_command(tmp_path):
+  with pytest.raises(data.DataPipelineError, match="uem-ich build-dataset synthetic_ich") as error:
+    data.load_source("synthetic_ich/slices", data_dir=str(tmp_path))
+  assert str(tmp_path) in str(error.value)
+  # Nothing was built as a side effect.
+  assert not (tmp_path / "synthetic_ich").exists()
+
+
+def test_load_source_of_unknown_dataset(tmp_path):
+  with pytest.raises(data.DataPipelineError, match="no_such_set"):
+    data.load_source("no_such_set/slices", data_dir=str(tmp_path))

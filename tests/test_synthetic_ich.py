@@ -193,3 +193,11 @@ def test_cli_unknown_config(tmp_path, capsys):
 def test_build_unknown_dataset_raises(tmp_path):
   with pytest.raises(build.DatasetBuildError, match="known datasets: synthetic_ich"):
     build.build_dataset("no_such_set", data_dir=str(tmp_path))
+
+
+def test_cli_unwritable_data_dir(tmp_path, capsys):
+  not_a_folder = tmp_path / "file"
+  not_a_folder.write_text("x")
+  status = cli.main(["build-dataset", "synthetic_ich", "--data-dir", str(not_a_folder / "sub")])
+  assert status == 2
+  assert "is not a writable folder" in capsys.readouterr().err

@@ -20,6 +20,7 @@ they are garbage collected; close the iterator (`iterator.close()`) when done.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -44,9 +45,30 @@ def load_source(name: str, *, split: str = "train", data_dir: str | None = None)
   """Open `split` of the built TFDS dataset `name` (for example "synthetic_ich/slices").
 
   Only array_record datasets support random access; build them with
-  `uem-ich build-dataset`.
+  `uem-ich build-dataset`. A dataset that is not built is an error here: TFDS
+  would otherwise start building it as TFRecord, which needs TensorFlow.
   """
-  return tfds.data_source(name, split=split, data_dir=data_dir)
+  dataset, _, config = name.partition("/")
+  try:
+    importlib.import_module(f"uem_ich_jax.datasets.{dataset}")
+  except ModuleNotFoundError as error:
+    if error.name != f"uem_ich_jax.datasets.{dataset}":
+      raise
+    # Not one of this project's builders: TFDS may still know it.
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError) as error:
+    message = str(error).splitlines()[0]
+    raise DataPipelineError(f"cannot open dataset {name!r}: {message}") from error
+  if not builder.is_prepared():
+    build_command = f"uem-ich build-dataset {dataset}"
+    if config:
+      build_command += f" --config={config}"
+    raise DataPipelineError(
+        f"dataset {name!r} is not built in {builder.data_dir_root};"
+        f" build it first: {build_command} --data-dir={builder.data_dir_root}"
+    )
+  return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
 def _metadata_fold_ranges(source: Any) -> list | None:
