@@ -3,6 +3,7 @@
 import gzip
 import itertools
 import logging
+import os
 import struct
 
 import nibabel
@@ -206,7 +207,8 @@ def test_scaling_applied_once(tmp_path):
   assert (proxy.slope, proxy.inter) == (2.0, -1024.0)
   volume = nifti.read_nifti(path)
   expected = (2.0 * raw - 1024.0).transpose(2, 1, 0)[:, ::-1, ::-1]
-  np.testing.assert_array_equal(volume.hu, expected)
+  # Scaled values below air (raw < 0) get the air floor, as in the DICOM reader.
+  np.testing.assert_array_equal(volume.hu, np.maximum(expected, -1024.0))
 
 
 @pytest.mark.parametrize("compressed", [False, True])
@@ -387,3 +389,297 @@ def test_pair_affine_mismatch_warns(tmp_path, caplog):
   np.testing.assert_allclose(volume.affine[:3, 3], [-1.5, -2.0, 0.0])
   assert read_mask[0, 4, 3] == 1
   assert read_mask.sum() == 1
+
+
+# Byte offsets of NIfTI-1 header fields (little-endian files written by nibabel).
+DIM_OFFSET = 40
+PIXDIM_OFFSET = 76
+VOX_OFFSET_OFFSET = 108
+XYZT_UNITS_OFFSET = 123
+QFORM_CODE_OFFSET = 252
+SFORM_CODE_OFFSET = 254
+QUATERN_OFFSET = 256
+SROW_X_OFFSET = 280
+
+
+def write_patched(path, data: np.ndarray, patches, affine=None, compress=False):
+  """Write `data` with nibabel, then overwrite header bytes.
+
+  `patches` lists (byte offset, struct format without byte order, values).
+  """
+  image = nibabel.Nifti1Image(data, np.diag([-0.5, -0.5, 2.0, 1.0]) if affine is None else affine)
+  content = bytearray(image.to_bytes())
+  for offset, fmt, values in patches:
+    struct.pack_into("<" + fmt, content, offset, *values)
+  path.write_bytes(gzip.compress(bytes(content)) if compress else bytes(content))
+  return path
+
+
+def small_int16(shape=(6, 5, 4)) -> np.ndarray:
+  return np.arange(np.prod(shape), dtype=np.int16).reshape(shape)
+
+
+def test_read_rgb_rejected(tmp_path):
+  rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+  path = tmp_path / "colour.nii"
+  nibabel.Nifti1Image(rgb, np.eye(4)).to_filename(path)
+  with pytest.raises(CTReadError, match="colour.nii.*RGB"):
+    nifti.read_nifti(path)
+
+
+def test_read_complex_rejected(tmp_path):
+  path = tmp_path / "complex.nii"
+  nibabel.Nifti1Image(np.ones((4, 4, 4), np.complex64), np.eye(4)).to_filename(path)
+  with pytest.raises(CTReadError, match="complex.nii.*complex"):
+    nifti.read_nifti(path)
+
+
+def test_pair_complex_mask_rejected(tmp_path):
+  image_path, mask_path = write_pair(tmp_path, np.zeros((4, 5, 3), np.uint8))
+  nibabel.Nifti1Image(np.ones((4, 5, 3), np.complex64), np.eye(4)).to_filename(mask_path)
+  with pytest.raises(CTReadError, match="ct_mask.nii.gz.*complex"):
+    nifti.read_nifti_pair(image_path, mask_path)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_huge_shape_rejected(tmp_path, compress):
+  huge = (3, 30000, 30000, 30000, 1, 1, 1, 1)
+  path = write_patched(
+      tmp_path / "huge.nii", small_int16(), [(DIM_OFFSET, "8h", huge)], compress=compress
+  )
+  with pytest.raises(CTReadError, match="huge.nii.*27,000,000,000,000 voxels"):
+    nifti.read_nifti(path)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_shape_larger_than_file(tmp_path, compress):
+  # 200**3 int16 voxels would be 16 MB, but the file contains 240 bytes of data.
+  claimed = (3, 200, 200, 200, 1, 1, 1, 1)
+  path = write_patched(
+      tmp_path / "short.nii", small_int16(), [(DIM_OFFSET, "8h", claimed)], compress=compress
+  )
+  with pytest.raises(CTReadError, match="short.nii.*header implies 16,000,352 bytes"):
+    nifti.read_nifti(path)
+
+
+def test_read_voxel_limit(tmp_path, monkeypatch):
+  path = write_patched(tmp_path / "scan.nii", small_int16(), [])
+  monkeypatch.setattr(nifti, "MAX_VOXELS", 100)
+  with pytest.raises(CTReadError, match="scan.nii.*120 voxels, more than the 100"):
+    nifti.read_nifti(path)
+
+
+def test_read_negative_dim_rejected(tmp_path):
+  negative = (3, -6, 5, 4, 1, 1, 1, 1)
+  path = write_patched(tmp_path / "neg.nii", small_int16(), [(DIM_OFFSET, "8h", negative)])
+  with pytest.raises(CTReadError, match="neg.nii.*negative size"):
+    nifti.read_nifti(path)
+
+
+@pytest.mark.parametrize("offset", [1e30, float("nan"), 0.0, 100.0, 353.5])
+def test_read_bad_vox_offset_rejected(tmp_path, offset):
+  patches = [(VOX_OFFSET_OFFSET, "f", (offset,))]
+  path = write_patched(tmp_path / "offset.nii", small_int16(), patches)
+  with pytest.raises(CTReadError, match="offset.nii.*vox_offset"):
+    nifti.read_nifti(path)
+
+
+def no_forms(pixdim) -> list:
+  """Patches that clear both form codes and set pixdim[1..3]."""
+  return [(QFORM_CODE_OFFSET, "hh", (0, 0)), (PIXDIM_OFFSET + 4, "3f", pixdim)]
+
+
+@pytest.mark.parametrize("pixdim", [(0.0, 0.0, 0.0), (0.5, 0.0, 2.0), (-0.5, -0.5, -2.0)])
+def test_read_invalid_pixdim_without_forms(tmp_path, pixdim):
+  path = write_patched(tmp_path / "nogeometry.nii", small_int16(), no_forms(pixdim))
+  with pytest.raises(CTReadError, match="nogeometry.nii.*pixdim.*pixdim alone"):
+    nifti.read_nifti(path)
+
+
+def test_read_zero_pixdim_with_qform_only(tmp_path):
+  patches = [(SFORM_CODE_OFFSET, "h", (0,)), (QFORM_CODE_OFFSET, "h", (1,))]
+  patches.append((PIXDIM_OFFSET + 4, "3f", (0.0, 0.0, 0.0)))
+  path = write_patched(tmp_path / "qform.nii", small_int16(), patches)
+  with pytest.raises(CTReadError, match="qform.nii.*pixdim.*the qform"):
+    nifti.read_nifti(path)
+
+
+def test_read_zero_pixdim_with_sform(tmp_path):
+  # The sform alone gives the geometry, so pixdim does not matter.
+  patches = [(PIXDIM_OFFSET + 4, "3f", (0, 0, 0))]
+  path = write_patched(tmp_path / "sform.nii", small_int16(), patches)
+  volume = nifti.read_nifti(path)
+  assert volume.spacing == pytest.approx((2.0, 0.5, 0.5))
+
+
+def test_read_positive_pixdim_without_forms(tmp_path):
+  path = write_patched(tmp_path / "pixdim.nii", small_int16(), no_forms((0.5, 0.75, 3.0)))
+  volume = nifti.read_nifti(path)
+  assert volume.spacing == pytest.approx((3.0, 0.75, 0.5))
+  assert any("both 0" in warning for warning in volume.provenance.warnings)
+
+
+def test_read_nan_qform_only_rejected(tmp_path):
+  patches = [(SFORM_CODE_OFFSET, "h", (0,)), (QFORM_CODE_OFFSET, "h", (1,))]
+  patches.append((QUATERN_OFFSET, "3f", (float("nan"), 0.0, 0.0)))
+  path = write_patched(tmp_path / "nanq.nii", small_int16(), patches)
+  with pytest.raises(CTReadError, match="nanq.nii.*not finite"):
+    nifti.read_nifti(path)
+
+
+def test_read_nan_qform_with_sform_warns(tmp_path):
+  patches = [(QFORM_CODE_OFFSET, "hh", (1, 1)), (QUATERN_OFFSET, "3f", (float("nan"), 0.0, 0.0))]
+  path = write_patched(tmp_path / "nanq.nii", small_int16(), patches)
+  volume = nifti.read_nifti(path)
+  assert volume.spacing == pytest.approx((2.0, 0.5, 0.5))
+  assert any("qform is not finite" in warning for warning in volume.provenance.warnings)
+
+
+def test_read_qform_sform_flip_warns(tmp_path):
+  path = tmp_path / "flip.nii"
+  image = nibabel.Nifti1Image(small_int16(), np.diag([-0.5, -0.5, 2.0, 1.0]))
+  image.set_qform(np.diag([0.5, -0.5, 2.0, 1.0]), code=1)
+  image.to_filename(path)
+  volume = nifti.read_nifti(path)
+  assert any("disagree" in warning for warning in volume.provenance.warnings)
+
+
+@pytest.mark.parametrize("units", [1, 3, 1 + 8])
+def test_read_non_mm_units_rejected(tmp_path, units):
+  path = write_patched(tmp_path / "units.nii", small_int16(), [(XYZT_UNITS_OFFSET, "B", (units,))])
+  with pytest.raises(CTReadError, match="units.nii.*spatial units are (meter|micron)"):
+    nifti.read_nifti(path)
+
+
+@pytest.mark.parametrize(
+    "affine, reason",
+    [
+        (np.diag([1e-5, 1e-5, 1e-5, 1.0]), "voxel sizes"),
+        (np.diag([0.5, 0.5, 5000.0, 1.0]), "voxel sizes"),
+        (np.array([[0.5, 0, 0, 3e38], [0, 0.5, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]]), "origin"),
+        (np.array([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]]), "singular"),
+    ],
+)
+def test_read_implausible_affine_rejected(tmp_path, affine, reason):
+  path = tmp_path / "geometry.nii"
+  nibabel.Nifti1Image(small_int16(), affine).to_filename(path)
+  with pytest.raises(CTReadError, match=f"geometry.nii.*{reason}"):
+    nifti.read_nifti(path)
+
+
+def test_read_applies_air_floor(tmp_path):
+  data = np.array([-3024, -2000, -1500, -1025, -1024, -1000, 0, 40], np.int16).reshape(2, 2, 2)
+  path = tmp_path / "padded.nii"
+  nibabel.Nifti1Image(data, np.eye(4)).to_filename(path)
+  volume = nifti.read_nifti(path)
+  assert volume.hu.min() == -1024.0
+  assert sorted(volume.hu.ravel().tolist()) == [-1024.0] * 5 + [-1000.0, 0.0, 40.0]
+
+
+def test_air_floor_matches_dicom_reader(tmp_path):
+  from uem_ich_jax.ct import dicom, dicom_write  # pylint: disable=import-outside-toplevel
+
+  volume = make_volume(axial_affine(), shape=(3, 4, 5))
+  volume.hu[0, 0, :5] = [-3024, -2000, -1500, -1025, -1024]
+  back_nifti = nifti.read_nifti(nifti.write_nifti(volume, tmp_path / "scan.nii"))
+  dicom_write.write_dicom_series(volume, tmp_path / "dicom")
+  back_dicom = dicom.read_dicom_series(tmp_path / "dicom")
+  np.testing.assert_array_equal(back_nifti.hu, back_dicom.hu)
+  assert back_nifti.hu.min() == -1024.0
+
+
+def test_pair_mask_not_floored(tmp_path):
+  mask = (np.arange(60).reshape(4, 5, 3) % 6).astype(np.uint8)
+  image_path, mask_path = write_pair(tmp_path, mask)
+  below_air = np.full((4, 5, 3), -2000, np.int16)
+  nibabel.Nifti1Image(below_air, np.diag([0.5, 0.5, 2.0, 1.0])).to_filename(image_path)
+  volume, read_mask = nifti.read_nifti_pair(image_path, mask_path)
+  assert np.all(volume.hu == -1024.0)
+  np.testing.assert_array_equal(np.bincount(read_mask.ravel()), np.bincount(mask.ravel()))
+
+
+def test_pair_mask_near_integer_floats_rounded(tmp_path):
+  labels = (np.arange(60).reshape(4, 5, 3) % 3).astype(np.float32)
+  resampled = labels + np.where(labels > 0, -1e-4, 0.0).astype(np.float32)
+  image_path, mask_path = write_pair(tmp_path, resampled)
+  volume, read_mask = nifti.read_nifti_pair(image_path, mask_path)
+  assert read_mask.dtype == np.uint8
+  expected_counts = np.bincount(labels.astype(int).ravel())
+  np.testing.assert_array_equal(np.bincount(read_mask.ravel()), expected_counts)
+  assert any("rounded" in warning for warning in volume.provenance.warnings)
+
+
+def test_pair_mask_invalid_affine_warns(tmp_path):
+  mask = np.zeros((4, 5, 3), np.uint8)
+  mask[1, 2, 0] = 1
+  image_path, mask_path = write_pair(tmp_path, mask)
+  # Both forms contain NaN, so nibabel's mask affine is NaN.
+  patches = [(QUATERN_OFFSET, "3f", (np.nan, 0.0, 0.0)), (SROW_X_OFFSET, "f", (np.nan,))]
+  write_patched(mask_path, mask, patches, affine=np.diag([0.5, 0.5, 2.0, 1.0]), compress=True)
+  volume, read_mask = nifti.read_nifti_pair(image_path, mask_path)
+  assert read_mask.sum() == 1
+  assert any("mask geometry is invalid" in warning for warning in volume.provenance.warnings)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_write_non_finite_hu_rejected(tmp_path, bad):
+  volume = make_volume(axial_affine())
+  volume.hu[1, 2, 3] = bad
+  with pytest.raises(ValueError, match="scan.nii.*NaN or infinite"):
+    nifti.write_nifti(volume, tmp_path / "scan.nii")
+  assert not (tmp_path / "scan.nii").exists()
+
+
+@pytest.mark.parametrize("affine", [np.full((4, 4), np.nan), np.diag([0.0, 1.0, 1.0, 1.0])])
+def test_write_invalid_affine_rejected(tmp_path, affine):
+  volume = make_volume(axial_affine())
+  volume = CTVolume(hu=volume.hu, positions=volume.positions, affine=affine, spacing=volume.spacing)
+  with pytest.raises(ValueError, match="scan.nii.*cannot write"):
+    nifti.write_nifti(volume, tmp_path / "scan.nii")
+
+
+def test_write_float_mask_labels(tmp_path, caplog):
+  volume = make_volume(axial_affine())
+  labels = (np.arange(np.prod(volume.shape)).reshape(volume.shape) % 6).astype(np.float32)
+  with caplog.at_level(logging.WARNING):
+    path = nifti.write_nifti(volume, tmp_path / "mask.nii", mask=labels - 1e-4 * (labels > 0))
+  assert "rounded" in caplog.text
+  np.testing.assert_array_equal(np.asarray(nibabel.load(path).dataobj).transpose(2, 1, 0), labels)
+  with pytest.raises(ValueError, match="0..255"):
+    nifti.write_nifti(volume, tmp_path / "blended.nii", mask=labels * 0.5)
+  with pytest.raises(ValueError, match="NaN"):
+    nifti.write_nifti(volume, tmp_path / "nan.nii", mask=np.full(volume.shape, np.nan))
+
+
+def test_read_gzip_long_tail_rejected(tmp_path):
+  # 150 KB of gzip that decompresses to 32 MiB past the voxel data. Reading
+  # stops at the tail limit instead of decompressing everything.
+  content = nibabel.Nifti1Image(small_int16(), np.eye(4)).to_bytes()
+  path = tmp_path / "tail.nii.gz"
+  path.write_bytes(gzip.compress(content + bytes(32 * 2**20), compresslevel=1))
+  with pytest.raises(CTReadError, match="tail.nii.gz.*follow the voxel data"):
+    nifti.read_nifti(path)
+
+
+def test_read_gzip_corrupt_trailer(tmp_path):
+  # The voxel data decompresses, but the CRC at the end does not match.
+  content = bytearray(gzip.compress(nibabel.Nifti1Image(small_int16(), np.eye(4)).to_bytes()))
+  content[-8] ^= 0xFF
+  path = tmp_path / "crc.nii.gz"
+  path.write_bytes(bytes(content))
+  with pytest.raises(CTReadError, match="crc.nii.gz.*gzip"):
+    nifti.read_nifti(path)
+
+
+def test_read_implausible_hu_warns(tmp_path):
+  path = tmp_path / "scaled.nii"
+  write_scaled_int16(path, small_int16(), 1e30, 0.0)
+  volume = nifti.read_nifti(path)
+  assert any("beyond any CT scale" in warning for warning in volume.provenance.warnings)
+
+
+def test_read_fifo_rejected(tmp_path):
+  fifo = tmp_path / "pipe.nii"
+  os.mkfifo(fifo)
+  with pytest.raises(CTReadError, match="pipe.nii.*not a file"):
+    nifti.read_nifti(fifo)

@@ -14,6 +14,17 @@ logger = logging.getLogger(__name__)
 AIR_HU = -1024.0
 
 
+def apply_air_floor(hu: np.ndarray) -> np.ndarray:
+  """Return `hu` with every value below `AIR_HU` raised to `AIR_HU`, in the same dtype.
+
+  Nothing inside the scan field is less dense than air, so lower values are
+  padding or out-of-field fill, which scanners write as anything from -1025 to
+  -3024 HU. Every reader applies this one rule, so one scan gives the same HU
+  from DICOM and from NIfTI.
+  """
+  return np.maximum(hu, np.asarray(AIR_HU, dtype=hu.dtype))
+
+
 class CTReadError(InputError):
   """Input that cannot be read as CT; the message names the file and the reason."""
 
