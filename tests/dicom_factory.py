@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import pathlib
 from collections.abc import Callable, Sequence
 
@@ -69,11 +70,38 @@ def write_series(
   return write_dicom_series(volume if volume is not None else make_volume(), folder, **kwargs)
 
 
-def edit_file(path: pathlib.Path, edit: Callable[[Dataset], None]) -> None:
-  """Read a written file, apply `edit` to its dataset and save it in place."""
+def edit_file(
+    path: pathlib.Path, edit: Callable[[Dataset], None], *, enforce_file_format: bool = True
+) -> None:
+  """Read a written file, apply `edit` to its dataset and save it in place.
+
+  Pass `enforce_file_format=False` to save file meta that `edit` made invalid.
+  """
   dataset = pydicom.dcmread(path)
   edit(dataset)
-  dataset.save_as(path, enforce_file_format=True)
+  dataset.save_as(path, enforce_file_format=enforce_file_format)
+
+
+def strip_preamble(path: pathlib.Path) -> None:
+  """Rewrite a file as a bare implicit VR dataset: no preamble, "DICM" prefix or file meta."""
+  dataset = pydicom.dcmread(path)
+  dataset.preamble = None
+  del dataset.file_meta
+  pydicom.dcmwrite(path, dataset, enforce_file_format=False, implicit_vr=True, little_endian=True)
+
+
+def cut_before_tag(path: pathlib.Path, group: int, element: int) -> None:
+  """Cut a file off just before a data element (explicit VR little endian), as a short copy does."""
+  data = path.read_bytes()
+  offset = data.find(group.to_bytes(2, "little") + element.to_bytes(2, "little"), 132)
+  if offset < 0:
+    raise ValueError(f"{path}: element ({group:04X},{element:04X}) not found")
+  path.write_bytes(data[:offset])
+
+
+def gzip_file(path: pathlib.Path) -> None:
+  """Replace a file's content with its gzip compression, keeping the name."""
+  path.write_bytes(gzip.compress(path.read_bytes()))
 
 
 def set_stored_values(

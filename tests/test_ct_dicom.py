@@ -2,16 +2,20 @@
 
 import dataclasses
 import logging
+import os
 import pathlib
 import random
 import re
 import shutil
 import subprocess
+import threading
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pydicom.data
+import pydicom.datadict
+import pydicom.fileset
 import pytest
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import JPEG2000Lossless, RLELossless
@@ -19,10 +23,12 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 import dicom_factory
 from uem_ich_jax.ct import AIR_HU, CTReadError
 from uem_ich_jax.ct import dicom
+from uem_ich_jax.ct import nifti
 from uem_ich_jax.ct.dicom import list_dicom_series, read_dicom_series
 from uem_ich_jax.ct.dicom_write import write_dicom_series
 from uem_ich_jax.ct import inspect as ct_inspect
 from uem_ich_jax.ct.inspect import inspect_path
+from uem_ich_jax.ct.volume import apply_air_floor
 
 DCM2NIIX = pathlib.Path(__file__).resolve().parents[1] / ".venv" / "bin" / "dcm2niix"
 
@@ -488,10 +494,24 @@ def test_mixed_image_sizes_rejected(tmp_path):
     read_dicom_series(tmp_path)
 
 
-def test_missing_position_rejected(tmp_path):
+@pytest.mark.parametrize("keyword", ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"])
+def test_missing_geometry_tag_skips_file(tmp_path, keyword):
+  volume = dicom_factory.make_volume(num_slices=3)
+  paths = write_dicom_series(volume, tmp_path)
+  dicom_factory.edit_file(paths[1], lambda dataset: delattr(dataset, keyword))
+  read = read_dicom_series(tmp_path)
+  np.testing.assert_array_equal(read.hu, volume.hu[[0, 2]])
+  assert any(
+      paths[1].name in message and f"{keyword} is missing" in message
+      for message in read.provenance.warnings
+  )
+
+
+def test_missing_position_everywhere_rejected(tmp_path):
   paths = write_dicom_series(dicom_factory.make_volume(num_slices=2), tmp_path)
-  dicom_factory.edit_file(paths[1], lambda dataset: delattr(dataset, "ImagePositionPatient"))
-  with pytest.raises(CTReadError, match="ImagePositionPatient"):
+  for path in paths:
+    dicom_factory.edit_file(path, lambda dataset: delattr(dataset, "ImagePositionPatient"))
+  with pytest.raises(CTReadError, match="none of the 2 files .*\n.*ImagePositionPatient is missing"):
     read_dicom_series(tmp_path)
 
 
@@ -650,3 +670,389 @@ def test_invalid_window_tag_ignored(tmp_path):
   read = read_dicom_series(tmp_path)
   assert read.provenance.window_center is None
   assert read.provenance.window_width == 80.0
+
+
+# -- Attacked inputs: invalid files are skipped or rejected, never misread ------
+
+
+def _one_bad_file(tmp_path, edit, num_slices=3, **edit_options):
+  """Write a series, apply `edit` to its middle file, and return (volume, bad path)."""
+  volume = dicom_factory.make_volume(num_slices=num_slices)
+  paths = write_dicom_series(volume, tmp_path)
+  bad = paths[num_slices // 2]
+  dicom_factory.edit_file(bad, edit, **edit_options)
+  return volume, bad
+
+
+def _assert_skipped(tmp_path, volume, bad, reason, caplog):
+  """Check that reading skips `bad` alone, with `reason` in a logged and stored warning."""
+  with caplog.at_level(logging.WARNING):
+    read = read_dicom_series(tmp_path)
+  keep = [index for index in range(volume.num_slices) if index != volume.num_slices // 2]
+  np.testing.assert_array_equal(read.hu, volume.hu[keep])
+  stored = [message for message in read.provenance.warnings if bad.name in message]
+  assert len(stored) == 1
+  assert stored[0].startswith("skipped ")
+  assert re.search(reason, stored[0]), stored[0]
+  assert bad.name in caplog.text
+
+
+def _halve_rows(dataset):
+  dataset.Rows = int(dataset.Rows) // 2
+
+
+def _eight_bits(dataset):
+  dataset.BitsAllocated = 8
+  dataset.BitsStored = 8
+  dataset.HighBit = 7
+
+
+@pytest.mark.parametrize("edit", [_halve_rows, _eight_bits], ids=["rows_halved", "bits_8"])
+def test_pixel_data_longer_than_header_skipped(tmp_path, caplog, edit):
+  volume, bad = _one_bad_file(tmp_path, edit)
+  _assert_skipped(tmp_path, volume, bad, "pixel data is longer than the header says", caplog)
+
+
+def test_pixel_data_longer_everywhere_rejected(tmp_path):
+  paths = write_dicom_series(dicom_factory.make_volume(num_slices=2), tmp_path)
+  for path in paths:
+    dicom_factory.edit_file(path, _halve_rows)
+  with pytest.raises(CTReadError, match="none of the 2 files.*\\n.*longer than the header"):
+    read_dicom_series(tmp_path)
+
+
+def test_odd_length_pixel_data_with_pad_byte_read(tmp_path):
+  values = np.arange(15, dtype=np.uint8).reshape(3, 5) * 10
+
+  def eight_bit(dataset, index):
+    _eight_bits(dataset)
+    dataset.Rows, dataset.Columns = 3, 5
+    dataset.PixelRepresentation = 0
+    dataset.RescaleIntercept = -100
+    dataset.RescaleSlope = 1
+    dataset.PixelData = values.tobytes()  # 15 bytes; the file gets a pad byte.
+
+  (path,) = write_dicom_series(
+      dicom_factory.make_volume(num_slices=1, rows=3, columns=5), tmp_path, edit_dataset=eight_bit
+  )
+  assert len(pydicom.dcmread(path).PixelData) == 16
+  read = read_dicom_series(path)
+  np.testing.assert_array_equal(read.hu[0], values.astype(np.float32) - 100)
+
+
+def _empty(path):
+  path.write_bytes(b"")
+
+
+def _cut_before_rows(path):
+  dicom_factory.cut_before_tag(path, 0x0028, 0x0010)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_empty, "empty file"),
+        (_cut_before_rows, "without Rows \\(truncated or damaged header\\)"),
+        (dicom_factory.gzip_file, "gzip-compressed"),
+        (lambda path: path.write_bytes(bytes(range(256)) * 8), "not a DICOM file"),
+    ],
+    ids=["empty", "cut_before_rows", "gzipped", "noise"],
+)
+def test_damaged_file_skipped_with_warning(tmp_path, caplog, damage, reason):
+  volume = dicom_factory.make_volume(num_slices=3)
+  paths = write_dicom_series(volume, tmp_path)
+  damage(paths[1])
+  _assert_skipped(tmp_path, volume, paths[1], reason, caplog)
+
+
+def test_files_without_preamble_read(tmp_path, caplog):
+  volume = dicom_factory.make_volume(num_slices=3, tilt_deg=5.0)
+  paths = write_dicom_series(volume, tmp_path)
+  for path in paths:
+    dicom_factory.strip_preamble(path)
+  assert not path.read_bytes()[128:132] == b"DICM"
+  read = read_dicom_series(tmp_path)
+  np.testing.assert_array_equal(read.hu, volume.hu)
+  np.testing.assert_allclose(read.affine, volume.affine, atol=1e-6)
+
+
+def test_non_dicom_files_ignored_quietly(tmp_path, caplog):
+  volume = dicom_factory.make_volume(num_slices=2)
+  write_dicom_series(volume, tmp_path)
+  (tmp_path / "README").write_text("Head CT, exported 2024\n")
+  (tmp_path / "notes.txt").write_text("nothing\n")
+  (tmp_path / "scan.json").write_text("{}\n")
+  (tmp_path / "scan.nii").write_bytes(b"\x00" * 400)
+  (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" * 10)
+  with caplog.at_level(logging.WARNING):
+    read = read_dicom_series(tmp_path)
+  np.testing.assert_array_equal(read.hu, volume.hu)
+  assert read.provenance.warnings == ()
+  assert caplog.text == ""
+
+
+def test_no_images_message_counts_files(tmp_path):
+  for name in ("a.dcm", "b.dcm"):
+    (tmp_path / name).write_bytes(b"")
+  (tmp_path / "README.txt").write_text("nothing\n")
+  with pytest.raises(CTReadError, match="no DICOM images found among 3 file") as error:
+    read_dicom_series(tmp_path)
+  assert "2 damaged, 1 not DICOM images" in str(error.value)
+  assert "a.dcm: empty file" in str(error.value)
+
+
+def test_dicomdir_alone_named_in_message(tmp_path):
+  (path,) = write_dicom_series(
+      dicom_factory.make_volume(num_slices=1), tmp_path / "in",
+      edit_dataset=lambda dataset, index: setattr(dataset, "StudyID", "1"),
+  )
+  file_set = pydicom.fileset.FileSet()
+  file_set.add(str(path))
+  file_set.write(str(tmp_path / "out"))
+  with pytest.raises(CTReadError, match="Media Storage Directory Storage file, not an image"):
+    read_dicom_series(tmp_path / "out" / "DICOMDIR")
+
+
+@pytest.mark.parametrize(
+    "keyword, value, reason",
+    [
+        ("RescaleIntercept", "nan", "RescaleIntercept is not finite"),
+        ("RescaleSlope", "inf", "RescaleSlope is not finite"),
+        ("RescaleSlope", "1e300", "HU up to .* the rescale is invalid"),
+        ("RescaleSlope", "0", "RescaleSlope is 0"),
+        ("RescaleSlope", ["2", "3"], "RescaleSlope must have one value, got 2"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # Written on purpose.
+def test_invalid_rescale_skips_file(tmp_path, caplog, keyword, value, reason):
+  tag = pydicom.datadict.tag_for_keyword(keyword)
+  volume, bad = _one_bad_file(tmp_path, lambda dataset: dataset.add_new(tag, "DS", value))
+  _assert_skipped(tmp_path, volume, bad, reason, caplog)
+
+
+@pytest.mark.parametrize(
+    "keyword, value, reason",
+    [
+        ("RescaleSlope", "abc", "RescaleSlope is not a number"),
+        ("RescaleSlope", "1,5", "RescaleSlope is not a number"),
+        ("RescaleIntercept", "x1", "RescaleIntercept is not a number"),
+        ("PixelSpacing", "a\\b", "invalid PixelSpacing"),
+    ],
+)
+def test_unparsable_decimal_skips_file(tmp_path, caplog, keyword, value, reason):
+  # pydicom will not build a DS element from these strings, so store them with another VR.
+  tag = pydicom.datadict.tag_for_keyword(keyword)
+  volume, bad = _one_bad_file(tmp_path, lambda dataset: dataset.add_new(tag, "LO", value))
+  _assert_skipped(tmp_path, volume, bad, reason, caplog)
+
+
+def _set_transfer_syntax(uid):
+  def edit(dataset):
+    if uid is None:
+      del dataset.file_meta.TransferSyntaxUID
+    else:
+      dataset.file_meta.TransferSyntaxUID = uid
+  return edit
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (lambda dataset: delattr(dataset, "BitsAllocated"), "BitsAllocated is missing"),
+        (lambda dataset: delattr(dataset, "Columns"), "Columns is missing"),
+        (lambda dataset: setattr(dataset, "PixelData", b""), "pixel data is empty"),
+        (lambda dataset: setattr(dataset, "PixelRepresentation", 2), "PixelRepresentation 2"),
+        (
+            lambda dataset: dataset.add_new(0x00280120, "US", [0, 1]),
+            "PixelPaddingValue must have one value",
+        ),
+        (_set_transfer_syntax("1.2.3.4.5.6"), "1.2.3.4.5.6 is not a known transfer syntax"),
+    ],
+    ids=["no_bits_allocated", "no_columns", "empty_pixel_data", "pixel_representation_2",
+         "two_padding_values", "unknown_transfer_syntax"],
+)
+def test_invalid_image_tag_skips_file(tmp_path, caplog, edit, reason):
+  volume, bad = _one_bad_file(tmp_path, edit, enforce_file_format=False)
+  _assert_skipped(tmp_path, volume, bad, reason, caplog)
+
+
+def test_missing_transfer_syntax_inferred(tmp_path):
+  volume, _ = _one_bad_file(tmp_path, _set_transfer_syntax(None), enforce_file_format=False)
+  np.testing.assert_array_equal(read_dicom_series(tmp_path).hu, volume.hu)
+
+
+def test_invalid_image_tag_everywhere_rejected(tmp_path):
+  paths = write_dicom_series(dicom_factory.make_volume(num_slices=3), tmp_path)
+  for path in paths:
+    dicom_factory.edit_file(path, lambda dataset: delattr(dataset, "Columns"))
+  with pytest.raises(CTReadError, match="none of the 3 files") as error:
+    read_dicom_series(tmp_path)
+  assert str(error.value).count("Columns is missing") == 3
+
+
+def test_compressed_absurd_image_size_skipped(tmp_path, caplog):
+  volume = dicom_factory.make_volume(num_slices=3)
+  paths = write_dicom_series(volume, tmp_path)
+
+  def enlarge(dataset):
+    dataset.compress(RLELossless)
+    dataset.Rows = dataset.Columns = 5000
+
+  dicom_factory.edit_file(paths[1], enlarge)
+  _assert_skipped(tmp_path, volume, paths[1], "image size 5000x5000 exceeds the limit", caplog)
+
+
+@pytest.mark.parametrize(
+    "spacing, reason",
+    [([0, 0], "must be positive"), ([-0.5, -0.6], "must be positive"), ([0.5], "2 finite numbers")],
+)
+def test_invalid_pixel_spacing_skips_file(tmp_path, caplog, spacing, reason):
+  volume, bad = _one_bad_file(tmp_path, lambda dataset: setattr(dataset, "PixelSpacing", spacing))
+  _assert_skipped(tmp_path, volume, bad, reason, caplog)
+
+
+def test_mixed_pixel_spacing_rejected(tmp_path):
+  paths = write_dicom_series(dicom_factory.make_volume(num_slices=3), tmp_path)
+  dicom_factory.edit_file(paths[1], lambda dataset: setattr(dataset, "PixelSpacing", [0.8, 0.8]))
+  with pytest.raises(CTReadError, match="PixelSpacing \\[0.8, 0.8\\] differs from \\[0.5, 0.6\\]"):
+    read_dicom_series(tmp_path)
+
+
+def _scale_orientation(factor):
+  def edit(dataset, index):
+    dataset.ImageOrientationPatient = [float(value) * factor for value in dataset.ImageOrientationPatient]
+  return edit
+
+
+def test_orientation_not_unit_rejected(tmp_path):
+  write_dicom_series(dicom_factory.make_volume(num_slices=2), tmp_path, edit_dataset=_scale_orientation(2))
+  with pytest.raises(CTReadError, match="row cosines .* have length 2, not 1"):
+    read_dicom_series(tmp_path)
+
+
+def test_orientation_near_unit_normalised(tmp_path):
+  volume = dicom_factory.make_volume(num_slices=3, tilt_deg=10.0)
+  write_dicom_series(volume, tmp_path, edit_dataset=_scale_orientation(1.0004))
+  read = read_dicom_series(tmp_path)
+  np.testing.assert_allclose(np.linalg.norm(read.affine[:3, 1:3], axis=0), [0.5, 0.6], atol=1e-9)
+  np.testing.assert_allclose(read.affine, volume.affine, atol=1e-5)
+
+
+def test_orientation_not_orthogonal_rejected(tmp_path):
+  def skew(dataset, index):
+    dataset.ImageOrientationPatient = [1, 0, 0, 0.6, 0.8, 0]
+
+  write_dicom_series(dicom_factory.make_volume(num_slices=2), tmp_path, edit_dataset=skew)
+  with pytest.raises(CTReadError, match="not orthogonal \\(dot product 0.6\\)"):
+    read_dicom_series(tmp_path)
+
+
+def _shift_position(offset):
+  def edit(dataset):
+    dataset.ImagePositionPatient = [
+        float(value) + delta for value, delta in zip(dataset.ImagePositionPatient, offset)
+    ]
+  return edit
+
+
+def test_off_line_slice_makes_affine_approximate(tmp_path, caplog):
+  volume = dicom_factory.make_volume(num_slices=5)
+  paths = write_dicom_series(volume, tmp_path)
+  dicom_factory.edit_file(paths[2], _shift_position([50.0, 0.0, 0.0]))
+  with caplog.at_level(logging.WARNING):
+    read = read_dicom_series(tmp_path)
+  assert read.affine_is_approximate
+  assert not read.provenance.spacing_varies
+  assert any("1 slice position(s) lie off the line" in message for message in read.provenance.warnings)
+  np.testing.assert_allclose(read.positions[2], volume.positions[2] + [50.0, 0.0, 0.0])
+  # The affine follows the other four slices, so it is the unshifted volume's affine.
+  np.testing.assert_allclose(read.affine, volume.affine, atol=1e-9)
+
+
+def test_tilt_robust_to_one_shifted_slice(tmp_path):
+  volume = dicom_factory.make_volume(num_slices=5)
+  paths = write_dicom_series(volume, tmp_path)
+  dicom_factory.edit_file(paths[-1], _shift_position([0.0, 5.0, 0.0]))
+  read = read_dicom_series(tmp_path)
+  assert read.provenance.gantry_tilt_deg == 0.0
+  assert read.affine_is_approximate
+
+
+@pytest.mark.parametrize("offset", [[0.0, 0.0, 1e300], [0.0, 2e5, 0.0]])
+def test_absurd_position_skips_file(tmp_path, caplog, offset):
+  volume, bad = _one_bad_file(tmp_path, _shift_position(offset))
+  _assert_skipped(tmp_path, volume, bad, "more than 100000 mm from the origin", caplog)
+
+
+def test_absurd_position_message_short(tmp_path):
+  (path,) = write_dicom_series(dicom_factory.make_volume(num_slices=1), tmp_path)
+  dicom_factory.edit_file(path, lambda dataset: setattr(dataset, "ImagePositionPatient", [1e200] * 3))
+  with pytest.raises(CTReadError, match="\\[1e\\+200, 1e\\+200, 1e\\+200\\]") as error:
+    read_dicom_series(path)
+  assert len(str(error.value)) < 300
+
+
+def test_named_pipe_in_folder_ignored(tmp_path):
+  volume = dicom_factory.make_volume(num_slices=2)
+  write_dicom_series(volume, tmp_path)
+  pipe = tmp_path / "pipe"
+  os.mkfifo(pipe)
+  result = {}
+  reader = threading.Thread(
+      target=lambda: result.update(volume=read_dicom_series(tmp_path)), daemon=True
+  )
+  reader.start()
+  reader.join(timeout=20)
+  if reader.is_alive():
+    # Unblock a reader stuck opening the pipe, so the test process can end.
+    os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+    reader.join(timeout=5)
+    pytest.fail("reading a folder with a named pipe did not finish in 20 s")
+  np.testing.assert_array_equal(result["volume"].hu, volume.hu)
+
+
+def test_linked_series_folder_followed(tmp_path):
+  volume = dicom_factory.make_volume(num_slices=3)
+  write_dicom_series(volume, tmp_path / "data" / "series")
+  (tmp_path / "study").mkdir()
+  (tmp_path / "study" / "series").symlink_to(tmp_path / "data" / "series")
+  (tmp_path / "study" / "loop").symlink_to(tmp_path / "study")
+  (tmp_path / "study" / "dangling").symlink_to(tmp_path / "absent")
+  read = read_dicom_series(tmp_path / "study")
+  np.testing.assert_array_equal(read.hu, volume.hu)
+  assert read.provenance.warnings == ()
+
+
+def test_read_files_names_folder(tmp_path):
+  paths = write_dicom_series(dicom_factory.make_volume(num_slices=2), tmp_path / "series")
+  with pytest.raises(CTReadError, match="series: is a folder, not a file"):
+    dicom.read_dicom_files([*paths, tmp_path / "series"])
+
+
+def test_inspect_nifti_name_goes_to_nifti_reader(tmp_path, monkeypatch):
+  path = tmp_path / "empty.nii.gz"
+  path.write_bytes(b"")
+  called = []
+
+  def fake_read_nifti(read_path):
+    called.append(read_path)
+    raise CTReadError(f"{read_path}: from the NIfTI reader")
+
+  monkeypatch.setattr(nifti, "read_nifti", fake_read_nifti)
+  with pytest.raises(CTReadError, match="from the NIfTI reader"):
+    inspect_path(path)
+  assert called == [path]
+
+
+def test_inspect_rejects_non_finite_hu():
+  volume = dicom_factory.make_volume(num_slices=2)
+  volume.hu[0, 0, 0] = np.nan
+  with pytest.raises(CTReadError, match="1 of 84 HU values are NaN or infinite"):
+    ct_inspect.summarize_volume(volume)
+
+
+def test_air_floor_keeps_dtype():
+  hu = np.array([-3024.0, -1025.0, -1024.0, 40.0], dtype=np.float32)
+  floored = apply_air_floor(hu)
+  assert floored.dtype == np.float32
+  np.testing.assert_array_equal(floored, [AIR_HU, AIR_HU, AIR_HU, 40.0])
