@@ -15,3 +15,14 @@ def real_ct_dir() -> pathlib.Path:
   if not REAL_CT.is_dir():
     pytest.skip(f"real head CT scans not found at {REAL_CT}; they are not in the repository")
   return REAL_CT
+
+
+FIXTURES = SHARED / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+  """Random-weight PyTorch modules with inputs and expected outputs."""
+  if not FIXTURES.is_dir():
+    pytest.skip(f"PyTorch parity fixtures not found at {FIXTURES}; they are not in the repository")
+  return FIXTURES

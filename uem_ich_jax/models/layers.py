@@ -1,0 +1,142 @@
+"""Building blocks shared by the encoder and the heads (NHWC throughout)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# timm draws conv and linear weights from a normal with std 0.02 cut at +-2 in
+# absolute value, which never triggers. JAX's truncated normal cuts at +-2 std
+# and rescales so the std is still 0.02; only tests of init statistics notice.
+WEIGHT_INIT = nnx.initializers.truncated_normal(stddev=0.02)
+ZEROS = nnx.initializers.zeros_init()
+
+# ConvNeXt's LayerNorm epsilon (timm and the official code).
+LAYER_NORM_EPSILON = 1e-6
+
+# The constant timm adds to the channel mean in GRN's divisor.
+GRN_EPSILON = 1e-6
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Apply the exact (erf) GELU, as PyTorch's `nn.GELU()` does by default."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(
+    features: int,
+    *,
+    epsilon: float = LAYER_NORM_EPSILON,
+    dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.LayerNorm:
+  """Build a channel LayerNorm with two-pass variance, as PyTorch computes it.
+
+  Flax takes the statistics in float32 even when `dtype` is bfloat16.
+  """
+  return nnx.LayerNorm(
+      features,
+      epsilon=epsilon,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      use_fast_variance=False,
+      rngs=rngs,
+  )
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+  """Build a Linear layer (also used for 1x1 convs) with ConvNeXt's init."""
+  return nnx.Linear(
+      in_features,
+      out_features,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=WEIGHT_INIT,
+      bias_init=ZEROS,
+      rngs=rngs,
+  )
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """Convolve each channel of NHWC `x` with its own kernel, SAME padding, stride 1.
+
+  Every depthwise convolution in the models goes through this function, so that
+  a faster backend-specific version can replace it in one place.
+
+  Args:
+    x: (N, H, W, C).
+    kernel: (kh, kw, 1, C), HWIO with one input channel per group.
+    bias: (C,).
+  """
+  channels = x.shape[-1]
+  y = jax.lax.conv_general_dilated(
+      x,
+      kernel.astype(x.dtype),
+      window_strides=(1, 1),
+      padding="SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=channels,
+  )
+  return y + bias.astype(x.dtype)
+
+
+class DepthwiseConv(nnx.Module):
+  """Depthwise convolution with bias; the parameters of `depthwise_conv`."""
+
+  def __init__(
+      self,
+      channels: int,
+      kernel_size: int = 7,
+      *,
+      dtype: jnp.dtype = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    self.kernel = nnx.Param(WEIGHT_INIT(rngs.params(), (kernel_size, kernel_size, 1, channels), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return depthwise_conv(x.astype(self.dtype), self.kernel[...], self.bias[...])
+
+
+class GRN(nnx.Module):
+  """Global response normalisation (ConvNeXt-V2), computed as timm does.
+
+  For each sample and channel, G is the L2 norm over H and W with no epsilon
+  inside the root, N = G / (mean of G over channels + 1e-6), and the output is
+  gamma * x * N + beta + x. The root is taken only where the sum of squares is
+  positive, so an all-zero channel (or image) gives G = 0 with a zero gradient
+  instead of NaN; that equals PyTorch's norm backward at zero. The statistics and
+  the output are computed in float32 and cast back to `dtype`.
+  """
+
+  def __init__(self, channels: int, *, dtype: jnp.dtype = jnp.float32):
+    self.gamma = nnx.Param(jnp.zeros((channels,), jnp.float32))
+    self.beta = nnx.Param(jnp.zeros((channels,), jnp.float32))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    sum_of_squares = jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True)
+    positive = sum_of_squares > 0
+    safe_sum = jnp.where(positive, sum_of_squares, 1.0)
+    norm = jnp.where(positive, jnp.sqrt(safe_sum), 0.0)
+    ratio = norm / (jnp.mean(norm, axis=-1, keepdims=True) + GRN_EPSILON)
+    y = self.gamma[...] * (x32 * ratio) + self.beta[...] + x32
+    return y.astype(self.dtype)
+
+
+def drop_path(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
+  """Build per-sample stochastic depth for NHWC residual branches.
+
+  One keep/drop draw per sample, survivors scaled by 1 / (1 - rate). It starts
+  in evaluation mode (identity); `model.train()` turns it on.
+  """
+  return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), deterministic=True, rngs=rngs)
