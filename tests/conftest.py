@@ -1,10 +1,23 @@
 """Shared test fixtures: paths to the real scans and fixtures outside the repository."""
 
+import os
 import pathlib
 
+import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Tests jit the same small programs many times (new closures, same HLO), so a
+# persistent compilation cache turns most compiles into reads. It must be set
+# before the first compile, because JAX fixes the cache then. Tests that need
+# several CPU devices start their own subprocess with XLA_FLAGS set.
+if not jax.config.jax_compilation_cache_dir:
+  jax.config.update(
+      "jax_compilation_cache_dir",
+      os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache")),
+  )
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 SHARED = REPO.parent / "shared"
 REAL_CT = SHARED / "data" / "dcm_qa_ct"
 

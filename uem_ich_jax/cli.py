@@ -31,6 +31,30 @@ def _build_dataset(args: argparse.Namespace) -> int:
   return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+  from uem_ich_jax.train import config_file, trainer
+
+  config = config_file.load(args.config, args.overrides)
+  try:
+    summary = trainer.train(config, args.workdir)
+  except trainer.NonFiniteLossError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  json.dump(summary, sys.stdout, indent=2)
+  sys.stdout.write("\n")
+  return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+  from uem_ich_jax.train import trainer
+
+  result = trainer.evaluate(args.workdir, step=args.step, output=args.output)
+  summary = {key: result[key] for key in ("step", "folds", "n_test", "auc", "macro")}
+  json.dump(summary, sys.stdout, indent=2)
+  sys.stdout.write("\n")
+  return 0
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="uem-ich",
@@ -60,15 +84,58 @@ def _parser() -> argparse.ArgumentParser:
       "--config", default=None, help="builder config name; every config when omitted"
   )
   build.set_defaults(run=_build_dataset)
+
+  train = commands.add_parser(
+      "train",
+      help="train a stage from a config file; resumes when the work directory contains checkpoints",
+      epilog="Each --config.KEY=VALUE (with the =) overrides that field of the config.",
+  )
+  train.add_argument(
+      "--config", required=True, help="experiment file and optional argument: FILE.py[:ARG]"
+  )
+  train.add_argument("--workdir", required=True, help="folder for checkpoints, logs and config")
+  train.set_defaults(run=_train)
+
+  evaluate = commands.add_parser(
+      "evaluate",
+      help="score a trained run on its test fold, thresholds chosen on its validation fold",
+  )
+  evaluate.add_argument("--workdir", required=True, help="work directory of a `uem-ich train` run")
+  evaluate.add_argument(
+      "--step", type=int, default=None, help="checkpoint step; the best checkpoint when omitted"
+  )
+  evaluate.add_argument(
+      "--output", default=None, help="results JSON; default WORKDIR/eval_step<N>_fold<K>.json"
+  )
+  evaluate.set_defaults(run=_evaluate)
   return parser
 
 
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  # `--config.key=value` overrides are not argparse options; take them out first.
+  overrides = [arg for arg in argv if arg.startswith("--config.")]
+  rest = [arg for arg in argv if not arg.startswith("--config.")]
+  return rest, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  argv, overrides = _split_overrides(argv)
   args = _parser().parse_args(argv)
+  args.overrides = overrides
+  if overrides and args.command != "train":
+    print(f"error: {overrides[0]}: config overrides apply to `uem-ich train` only", file=sys.stderr)
+    return 2
   logging.basicConfig(
       level=logging.DEBUG if args.verbose else logging.INFO,
       format="%(levelname)s %(name)s: %(message)s",
   )
+  # TFDS or absl may have configured the root logger already, which makes
+  # basicConfig a no-op. So the project's own level is set here as well.
+  logging.getLogger("uem_ich_jax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+  if not args.verbose:
+    # Orbax logs every save and restore through absl at INFO.
+    logging.getLogger("absl").setLevel(logging.WARNING)
   try:
     return args.run(args)
   except InputError as error:

@@ -1,0 +1,79 @@
+"""Defaults shared by every experiment; each experiment file starts from `get_config()`.
+
+Not an experiment itself: launch one of the experiment files, for example
+
+    uem-ich train --config=configs/classification_synthetic.py --workdir=/tmp/run
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.stage = "classification"  # one of uem_ich_jax.train.stages.STAGE_MODULES
+  config.seed = 0  # parameters, shuffling, augmentation and dropout all derive from it
+
+  # Devices: batch split over data x fsdp, parameters over fsdp; -1 fills.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  config.min_shard_size = 2**14  # arrays with fewer elements stay replicated
+  # jax.distributed.initialize(): "on", "off", or "auto" to follow the environment
+  # (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, UEM_ICH_NUM_PROCESSES); see
+  # uem_ich_jax.train.mesh.maybe_initialize_distributed.
+  config.distributed = "auto"
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "synthetic_ich/slices"  # TFDS name/config, built with `uem-ich build-dataset`
+  config.data.data_dir = ""  # TFDS data directory; empty: the TFDS default
+  config.data.split = "train"
+  config.data.num_folds = 5
+  config.data.test_fold = 0  # the fold reported by `uem-ich evaluate`
+  config.data.validation_fold = -1  # thresholds and best checkpoint; -1: test_fold + 1
+  config.data.batch_size = 32  # global, over all processes and devices
+  config.data.eval_batch_size = 32  # global; the last batch is padded, never dropped
+  config.data.augment = True
+  config.data.worker_count = 0  # grain worker processes per host
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "convnext_v2"  # or "tiny_cnn" (smoke runs)
+  config.model.variant = "atto"
+  config.model.num_classes = 6
+  config.model.head = "multitask"
+  config.model.drop_path_rate = 0.1
+  config.model.coordinate_attention_stages = (2, 3)
+  config.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+  config.model.width = 8  # tiny_cnn only
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.kind = "focal"  # or "bce"
+  config.loss.alpha = 0.25  # focal weight of positives (negatives get 1 - alpha); < 0: none
+  config.loss.gamma = 2.0
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.encoder_lr = 1e-4  # peak learning rate of the encoder
+  config.optim.head_lr = 1e-3  # peak learning rate of parameters under head_prefix
+  config.optim.head_prefix = "head"
+  config.optim.warmup_steps = 100
+  config.optim.floor_fraction = 0.01  # the cosine ends at peak * floor_fraction, not 0
+  config.optim.weight_decay = 0.05
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.clip_norm = 1.0  # global gradient norm; 0 turns clipping off
+  config.optim.accumulate_steps = 1  # micro-batches per optimizer update
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.threshold_criterion = "f1"  # or "youden"; chosen on the validation fold
+
+  config.num_steps = 2000  # train steps (micro-steps when accumulating)
+  config.log_every = 50
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2  # latest checkpoints kept, plus the best one
+  config.best_metric = "val_auc_macro"  # empty: keep only the latest
+  config.best_mode = "max"
+
+  # Start from another run's checkpoint (a work directory); never silently random.
+  config.init_from = ""
+  config.init_from_step = -1  # -1: that run's best checkpoint
+  config.init_from_prefixes = ("",)  # parameter paths to copy; "" copies all
+  return config

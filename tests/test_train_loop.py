@@ -1,0 +1,193 @@
+"""Training runs on a tiny synthetic_ich build: CLI, evaluation, resume, NaN stop, init_from."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uem_ich_jax import cli
+from uem_ich_jax.data import pipeline
+from uem_ich_jax.datasets.synthetic_ich import SyntheticIch, SyntheticIchConfig
+from uem_ich_jax.errors import InputError
+from uem_ich_jax.train import checkpoint, classification, config_file, trainer
+
+DATASET = "synthetic_ich/slices_train_tiny"
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("tfds")
+  config = SyntheticIchConfig(
+      name="slices_train_tiny", num_scans=10, num_slices=4, image_size=32, num_folds=5
+  )
+  SyntheticIch(config=config, data_dir=str(directory), file_format="array_record").download_and_prepare()
+  return directory
+
+
+def _overrides(data_dir, **changes):
+  values = {"data.data_dir": str(data_dir), "data.name": DATASET} | changes
+  return [f"--config.{key}={value}" for key, value in values.items()]
+
+
+def _config(request, data_dir, **changes):
+  path = request.config.rootpath / "configs" / "classification_synthetic.py"
+  return config_file.load(f"{path}:smoke", _overrides(data_dir, **changes))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(request, data_dir, tmp_path_factory):
+  """`uem-ich train` then `uem-ich evaluate` on the smoke config (6 steps)."""
+  workdir = tmp_path_factory.mktemp("smoke")
+  config = request.config.rootpath / "configs" / "classification_synthetic.py"
+  train_rc = cli.main(
+      ["train", f"--config={config}:smoke", f"--workdir={workdir}", *_overrides(data_dir)]
+  )
+  evaluate_rc = cli.main(["evaluate", f"--workdir={workdir}"])
+  return workdir, train_rc, evaluate_rc
+
+
+@pytest.mark.slow
+def test_cli_train_and_evaluate_smoke(smoke_run):
+  workdir, train_rc, evaluate_rc = smoke_run
+  assert train_rc == 0
+  assert evaluate_rc == 0
+  saved = checkpoint.load_config(workdir)
+  assert saved.model.name == "tiny_cnn"
+  assert saved.data.name == DATASET
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+  manager = checkpoint.CheckpointManager(workdir, best_metric=saved.best_metric, read_only=True)
+  steps = manager.all_steps()
+  metrics = {step: manager.metrics(step) for step in steps}
+  manager.close()
+  assert steps == [3, 6]  # checkpoint_every 3, keep 2
+  assert all("val_auc_macro" in metrics[step] for step in steps)
+
+  results = sorted(workdir.glob("eval_step*_fold0.json"))
+  assert len(results) == 1
+  result = json.loads(results[0].read_text())
+  assert result["folds"] == {"train": [2, 3, 4], "validation": [1], "test": [0]}
+  source = trainer._source(saved)
+  assert result["n_test"] == len(pipeline.fold_indices(source, [0]))
+  assert result["n_validation"] == len(pipeline.fold_indices(source, [1]))
+  assert set(result["classes"]) == {
+      "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"
+  }
+  undefined = result["auc"]["n_undefined"]
+  assert result["auc"]["n_defined"] + undefined == 6
+
+
+@pytest.mark.slow
+def test_restore_model_loads_best_checkpoint(smoke_run):
+  workdir, _, _ = smoke_run
+  model, config = checkpoint.restore_model(workdir)
+  assert isinstance(model, classification.TinyCNN)
+  manager = checkpoint.CheckpointManager(workdir, best_metric=config.best_metric, read_only=True)
+  best = manager.best_step()
+  arrays = manager.restore_arrays(best)
+  manager.close()
+  np.testing.assert_array_equal(model.head.kernel[...], arrays["params"]["head"]["kernel"])
+  image = jnp.zeros((2, 32, 32, 3))
+  logits = model(image)
+  assert logits.shape == (2, 6)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_array_equal(logits, model(image))  # dropout is off
+  with pytest.raises(InputError, match="no checkpoint of step 5"):
+    checkpoint.restore_model(workdir, step=5)
+
+
+def test_evaluate_counts_every_example_once(request, data_dir, tmp_path):
+  config = _config(request, data_dir, **{"data.eval_batch_size": 6})
+  setup = trainer.build(config)
+  state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+  source = trainer._source(config)
+  outputs = trainer.collect(setup, state, source, (0, 1))
+  expected = [
+      index for index in range(len(source)) if int(source[index]["fold"]) in (0, 1)
+  ]
+  assert len(expected) % 6, "the folds fill whole batches, so no padding would be tested"
+  assert outputs["probabilities"].shape == (len(expected), 6)
+  labels = np.stack([source[index]["labels"] for index in expected])
+  np.testing.assert_array_equal(outputs["labels"], labels)
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_equals_uninterrupted(request, data_dir, tmp_path):
+  # Augmentation and dropout on, so the data position and the step keys matter.
+  changes = {"data.augment": "true", "num_steps": 4, "eval_every": 100, "checkpoint_every": 100}
+  config = _config(request, data_dir, **changes)
+  trainer.train(config, tmp_path / "whole")
+  trainer.train(config, tmp_path / "split", stop_after=2)
+  resumed = checkpoint.CheckpointManager(tmp_path / "split", read_only=True)
+  assert resumed.all_steps() == [2]
+  resumed.close()
+  trainer.train(config, tmp_path / "split")
+
+  def final(workdir):
+    manager = checkpoint.CheckpointManager(workdir, read_only=True)
+    arrays = manager.restore_arrays(4)
+    manager.close()
+    return arrays
+
+  whole, split = final(tmp_path / "whole"), final(tmp_path / "split")
+  # Bitwise on CPU: the same programs run on the same inputs.
+  for (path, a), b in zip(
+      jax.tree_util.tree_flatten_with_path(whole)[0], jax.tree.leaves(split)
+  ):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_a_clear_message(request, data_dir, tmp_path, monkeypatch):
+  real_loss = classification.loss
+
+  def nan_loss(model, batch, config):
+    value, outputs = real_loss(model, batch, config)
+    return value * jnp.nan, dict(outputs, loss=value * jnp.nan)
+
+  monkeypatch.setattr(classification._ClassificationStage, "loss", staticmethod(nan_loss))
+  config = _config(request, data_dir, log_every=1)
+  with pytest.raises(trainer.NonFiniteLossError, match=r"became nan between steps 1 and 1"):
+    trainer.train(config, tmp_path)
+  manager = checkpoint.CheckpointManager(tmp_path, read_only=True)
+  assert manager.all_steps() == []
+  manager.close()
+
+
+@pytest.mark.slow  # uses the smoke run
+def test_init_from_bad_checkpoint_raises(
+    request, data_dir, tmp_path, smoke_run
+):
+  missing = _config(request, data_dir, init_from=str(tmp_path / "nowhere"))
+  with pytest.raises(InputError, match="no checkpoints"):
+    trainer.train(missing, tmp_path / "a")
+  wider = _config(request, data_dir, init_from=str(smoke_run[0]), **{"model.width": 16})
+  with pytest.raises(InputError, match="does not fit this model"):
+    trainer.train(wider, tmp_path / "b")
+
+
+@pytest.mark.slow  # uses the smoke run
+def test_init_from_copies_the_parameters(request, data_dir, tmp_path, smoke_run):
+  config = _config(request, data_dir, init_from=str(smoke_run[0]), init_from_prefixes="head")
+  setup = trainer.build(config)
+  state = trainer._initialise(setup)
+  fresh = jax.jit(setup.init_state)()
+  source_model, _ = checkpoint.restore_model(smoke_run[0])
+  np.testing.assert_array_equal(state["params"]["head"]["kernel"], source_model.head.kernel[...])
+  # Outside the prefix the fresh initialisation stays.
+  np.testing.assert_array_equal(
+      state["params"]["encoder_conv1"]["kernel"], fresh["params"]["encoder_conv1"]["kernel"]
+  )
+
+
+def test_cli_reports_config_errors(request, tmp_path, capsys):
+  config = request.config.rootpath / "configs" / "classification_synthetic.py"
+  rc = cli.main(["train", f"--config={config}", f"--workdir={tmp_path}", "--config.optim.lr=1"])
+  assert rc == 2
+  assert "config.optim has no field 'lr'" in capsys.readouterr().err
+  rc = cli.main(["evaluate", f"--workdir={tmp_path}", "--config.seed=1"])
+  assert rc == 2
+  rc = cli.main(["evaluate", f"--workdir={tmp_path / 'none'}"])
+  assert rc == 2
+  assert "config.json does not exist" in capsys.readouterr().err

@@ -1,0 +1,156 @@
+"""The classification stage: six slice labels (any + five subtypes) from one slice.
+
+Loss: sigmoid focal or BCE per label, averaged over labels and valid rows, in
+float32. Evaluation collects sigmoid probabilities and labels and scores them
+with `uem_ich_jax.evaluate.metrics`, thresholds chosen on a validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import metrics as clu_metrics
+from flax import nnx
+
+import uem_ich_jax
+from uem_ich_jax.errors import InputError
+from uem_ich_jax.evaluate import metrics as metrics_lib
+from uem_ich_jax.train import losses
+
+MODEL_NAMES = ("convnext_v2", "tiny_cnn")
+LOSS_KINDS = ("focal", "bce")
+
+
+class TinyCNN(nnx.Module):
+  """Two strided convolutions and a linear head: the model of smoke runs and tests.
+
+  Its `encoder_*` / `head` names mirror ConvNeXt-V2's split into encoder and
+  head, so the optimizer gives each its own learning rate.
+  """
+
+  def __init__(
+      self, *, width: int = 8, num_classes: int = 6, dropout: float = 0.1, rngs: nnx.Rngs
+  ):
+    self.encoder_conv1 = nnx.Conv(3, width, (3, 3), strides=(2, 2), rngs=rngs)
+    self.encoder_norm = nnx.LayerNorm(width, epsilon=1e-6, rngs=rngs)
+    self.encoder_conv2 = nnx.Conv(width, 2 * width, (3, 3), strides=(2, 2), rngs=rngs)
+    self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
+    self.head = nnx.Linear(2 * width, num_classes, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nnx.gelu(self.encoder_norm(self.encoder_conv1(x)))
+    x = nnx.gelu(self.encoder_conv2(x))
+    x = self.dropout(jnp.mean(x, axis=(1, 2)))
+    return self.head(x).astype(jnp.float32)
+
+
+def build_model(model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
+  """Build the classifier that `config.model` names, in evaluation mode."""
+  rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+  if model.name == "tiny_cnn":
+    return TinyCNN(width=model.width, num_classes=model.num_classes, rngs=rngs)
+  if model.name == "convnext_v2":
+    from uem_ich_jax.models import convnext_v2
+
+    try:
+      model_config = convnext_v2.ConvNeXtV2Config(
+          variant=model.variant,
+          num_classes=model.num_classes,
+          head=model.head,
+          drop_path_rate=model.drop_path_rate,
+          coordinate_attention_stages=tuple(model.coordinate_attention_stages),
+          dtype=jnp.dtype(model.dtype),
+      )
+    except (ValueError, TypeError) as error:
+      raise InputError(f"config.model does not describe a ConvNeXt-V2: {error}") from error
+    return convnext_v2.ConvNeXtV2(model_config, rngs=rngs)
+  raise InputError(f"config.model.name {model.name!r} is not one of {MODEL_NAMES}")
+
+
+# Running means over the steps between two log lines.
+TrainMetrics = clu_metrics.Collection.create(
+    loss=clu_metrics.Average.from_output("loss"),
+    bce=clu_metrics.Average.from_output("bce"),
+    positive_fraction=clu_metrics.Average.from_output("positive_fraction"),
+)
+
+
+def loss(
+    model: nnx.Module, batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Compute the training loss of one batch. Rows with `valid` False do not count."""
+  logits = model(batch["image"]).astype(jnp.float32)
+  labels = batch["labels"].astype(jnp.float32)
+  valid = batch["valid"]
+  bce = losses.sigmoid_bce(logits, labels)
+  if config.loss.kind == "focal":
+    per_label = losses.sigmoid_focal(
+        logits, labels, alpha=config.loss.alpha, gamma=config.loss.gamma
+    )
+  elif config.loss.kind == "bce":
+    per_label = bce
+  else:
+    raise InputError(f"config.loss.kind {config.loss.kind!r} is not one of {LOSS_KINDS}")
+  value = losses.masked_mean(per_label, valid)
+  return value, {
+      "loss": value,
+      "bce": losses.masked_mean(bce, valid),
+      "positive_fraction": losses.masked_mean(labels, valid),
+  }
+
+
+def eval_outputs(model: nnx.Module, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  logits = model(batch["image"]).astype(jnp.float32)
+  return {"probabilities": jax.nn.sigmoid(logits), "labels": batch["labels"].astype(jnp.int32)}
+
+
+def evaluate(
+    outputs: Mapping[str, np.ndarray],
+    *,
+    validation: Mapping[str, np.ndarray] | None,
+    config: ml_collections.ConfigDict,
+) -> tuple[dict[str, float], dict[str, Any]]:
+  """AUC of `outputs`; with `validation`, also F1, sensitivity and specificity at its thresholds."""
+  names = list(uem_ich_jax.SLICE_LABELS)
+  labels, probabilities = outputs["labels"], outputs["probabilities"]
+  if validation is None:
+    result = metrics_lib.per_class_auc(labels, probabilities, names)
+    result["n"] = int(labels.shape[0])
+    scalars = {f"auc_{name}": value for name, value in result["per_class"].items()}
+    scalars["auc_macro"] = result["macro"]
+    scalars["auc_n_undefined"] = result["n_undefined"]
+  else:
+    result = metrics_lib.evaluate_classification(
+        labels,
+        probabilities,
+        validation["labels"],
+        validation["probabilities"],
+        names,
+        criterion=config.eval.threshold_criterion,
+    )
+    scalars = {f"auc_{name}": entry["auc"] for name, entry in result["classes"].items()}
+    scalars["auc_macro"] = result["auc"]["macro"]
+    scalars["auc_n_undefined"] = result["auc"]["n_undefined"]
+    for metric in ("f1", "sensitivity", "specificity"):
+      scalars[f"{metric}_macro"] = result["macro"][metric]
+  # An undefined metric is None in the JSON result; TensorBoard gets no point for it.
+  scalars = {key: float(value) for key, value in scalars.items() if value is not None}
+  return scalars, result
+
+
+class _ClassificationStage:
+  name = "classification"
+  batch_keys = ("image", "labels", "valid")
+  train_metrics = TrainMetrics
+  build_model = staticmethod(build_model)
+  loss = staticmethod(loss)
+  eval_outputs = staticmethod(eval_outputs)
+  evaluate = staticmethod(evaluate)
+
+
+STAGE = _ClassificationStage()

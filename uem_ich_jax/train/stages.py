@@ -1,0 +1,153 @@
+"""The stage interface of the trainer, the stage registry, and NNX state helpers.
+
+A stage (classification, segmentation, pretraining, ...) supplies its model,
+its loss, what evaluation collects per example, and how that becomes metrics.
+The trainer supplies everything else: mesh, sharding, optimizer, input,
+checkpoints, logging.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metrics as clu_metrics
+from flax import nnx
+
+from uem_ich_jax.errors import InputError
+from uem_ich_jax.train.mesh import path_name
+
+# Stage name -> module defining `STAGE`.
+STAGE_MODULES = {
+    "classification": "uem_ich_jax.train.classification",
+}
+
+
+class Stage(Protocol):
+  """The per-stage part of training.
+
+  `loss` and `eval_outputs` run inside `jax.jit`; the others run on the host.
+  """
+
+  name: str
+  # Batch fields the jitted steps receive; `valid` marks real examples.
+  batch_keys: tuple[str, ...]
+  # clu metric collection the train step fills; it must hold `loss`.
+  train_metrics: type[clu_metrics.Collection]
+
+  def build_model(self, model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
+    """Build the model with freshly drawn parameters, in evaluation mode."""
+
+  def loss(
+      self, model: nnx.Module, batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Return the float32 scalar loss and the outputs `train_metrics` reads."""
+
+  def eval_outputs(self, model: nnx.Module, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-example arrays (leading axis = batch) that `evaluate` turns into metrics."""
+
+  def evaluate(
+      self,
+      outputs: Mapping[str, np.ndarray],
+      *,
+      validation: Mapping[str, np.ndarray] | None,
+      config: ml_collections.ConfigDict,
+  ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Compute the metrics of one split's collected outputs (valid rows only).
+
+    `validation`, when given, contains the outputs of a distinct validation split
+    for choosing thresholds. Returns scalars for TensorBoard and the full
+    JSON-ready result.
+    """
+
+
+def get_stage(name: str) -> Stage:
+  if name not in STAGE_MODULES:
+    raise InputError(f"config.stage {name!r} is not a stage; the stages are {sorted(STAGE_MODULES)}")
+  return importlib.import_module(STAGE_MODULES[name]).STAGE
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict, dict]:
+  """Split into graph, parameters, RNG state and the rest (BatchNorm statistics), as plain dicts."""
+  graphdef, params, rngs, extra = nnx.split(model, nnx.Param, nnx.RngState, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rngs), nnx.to_pure_dict(extra)
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+  """Map "a/b/c" paths to leaves."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {path_name(path): leaf for path, leaf in leaves}
+
+
+def copy_matching(
+    target: Any, source: Any, *, prefixes: tuple[str, ...] = ("",), source_name: str
+) -> tuple[Any, list[str]]:
+  """Replace the leaves of `target` under `prefixes` with those of `source` at the same path.
+
+  Every target leaf under a prefix must exist in `source` with the same shape.
+  Otherwise an InputError names the first mismatches, so a wrong checkpoint
+  never gives a silent random start. Returns the new tree and the
+  copied paths.
+  """
+  source_flat = flatten(source)
+  copied, missing, mismatched = [], [], []
+
+  def one(path, leaf):
+    name = path_name(path)
+    if not any(name == prefix or name.startswith(prefix) for prefix in prefixes):
+      return leaf
+    if name not in source_flat:
+      missing.append(name)
+      return leaf
+    value = source_flat[name]
+    if tuple(np.shape(value)) != tuple(leaf.shape):
+      mismatched.append(f"{name} {tuple(np.shape(value))} != {tuple(leaf.shape)}")
+      return leaf
+    copied.append(name)
+    return np.asarray(value, dtype=leaf.dtype)
+
+  result = jax.tree_util.tree_map_with_path(one, target)
+  if missing or mismatched:
+    raise InputError(
+        f"{source_name} does not fit this model: {len(missing)} missing and"
+        f" {len(mismatched)} mismatched arrays; first missing {missing[:3]}, first mismatched"
+        f" {mismatched[:3]}"
+    )
+  if not copied:
+    raise InputError(f"{source_name}: no parameter matched the prefixes {list(prefixes)}")
+  return result, copied
+
+
+def model_from_arrays(
+    build: Callable[[], nnx.Module],
+    params: Any,
+    extra: Any | None,
+    *,
+    seed: int,
+    source: str,
+) -> nnx.Module:
+  """Build the model of `build` around `params` (and BatchNorm `extra`), in evaluation mode.
+
+  The model is built abstractly (`nnx.eval_shape`), so no parameter is drawn
+  and no initialiser is compiled; every parameter must come from `params`.
+  """
+  abstract = nnx.eval_shape(build)
+  abstract.eval()
+  graphdef, abstract_params, abstract_rngs, abstract_extra = split_model(abstract)
+  params, _ = copy_matching(abstract_params, params, source_name=source)
+  if jax.tree.leaves(abstract_extra):
+    extra, _ = copy_matching(abstract_extra, extra or {}, source_name=source)
+  else:
+    extra = abstract_extra
+  params, extra = jax.tree.map(jax.numpy.asarray, (params, extra))
+  key = jax.random.key(seed)
+  rngs = jax.tree.map(
+      lambda leaf: key if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+      else np.zeros(leaf.shape, leaf.dtype),
+      abstract_rngs,
+  )
+  return nnx.merge(graphdef, params, rngs, extra)

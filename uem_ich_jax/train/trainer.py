@@ -1,0 +1,573 @@
+"""The one training loop for every stage, and evaluation of a saved run.
+
+`train(config, workdir)` runs a stage (see `stages.py`) on the config's mesh and
+resumes from `workdir` when it contains checkpoints. `evaluate(workdir)` scores
+a saved checkpoint on the run's test fold with thresholds from its validation
+fold. The sections follow big_vision's train.py: setup, mesh, input, model and
+optimizer, sharding, steps, state, evaluation, loop.
+
+A resumed run continues exactly as an uninterrupted one. The checkpoint
+contains the step, parameters, optimizer state and every process's grain
+iterator position. The per-step randomness (dropout, drop path) is derived
+from (seed, step) instead of being carried as state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+from flax import nnx
+
+from uem_ich_jax.data import augment as augment_lib
+from uem_ich_jax.data import pipeline
+from uem_ich_jax.data.global_batch import to_global_batch
+from uem_ich_jax.errors import InputError
+from uem_ich_jax.train import checkpoint as checkpoint_lib
+from uem_ich_jax.train import mesh as mesh_lib
+from uem_ich_jax.train import optim
+from uem_ich_jax.train import stages
+from uem_ich_jax.train import writer as writer_lib
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(InputError):
+  """A config value the trainer cannot use; the message names the field."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training stopped because the loss became NaN or infinite."""
+
+
+OptimizerMetrics = clu_metrics.Collection.create(
+    grad_norm=clu_metrics.Average.from_output("grad_norm")
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Folds:
+  """Patient-level folds: train on `train`, choose thresholds and checkpoints on
+  `validation`, report `test`."""
+
+  train: tuple[int, ...]
+  validation: tuple[int, ...]
+  test: tuple[int, ...]
+
+
+def split_folds(data: ml_collections.ConfigDict) -> Folds:
+  """Test = `test_fold`, validation = `validation_fold` (-1: the next fold), train = the rest."""
+  k = data.num_folds
+  if k < 3:
+    raise ConfigError(f"config.data.num_folds must be at least 3 (train, validation, test), got {k}")
+  test = data.test_fold
+  validation = (test + 1) % k if data.validation_fold < 0 else data.validation_fold
+  for name, fold in (("test_fold", test), ("validation_fold", validation)):
+    if not 0 <= fold < k:
+      raise ConfigError(f"config.data.{name} = {fold} is outside 0..{k - 1}")
+  if validation == test:
+    raise ConfigError(
+        f"config.data.validation_fold equals test_fold ({test}); thresholds and checkpoints"
+        " must be chosen on a split other than the one reported"
+    )
+  train = tuple(fold for fold in range(k) if fold not in (test, validation))
+  return Folds(train=train, validation=(validation,), test=(test,))
+
+
+def _check_config(config: ml_collections.ConfigDict, device_count: int) -> None:
+  processes = jax.process_count()
+  for field in ("batch_size", "eval_batch_size"):
+    size = config.data[field]
+    if size < 1 or size % device_count or size % processes:
+      raise ConfigError(
+          f"config.data.{field} = {size} must be a positive multiple of the device count"
+          f" ({device_count}) and of the process count ({processes})"
+      )
+  for field in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
+    if config[field] < 1:
+      raise ConfigError(f"config.{field} must be at least 1, got {config[field]}")
+  if config.best_metric and config.checkpoint_every % config.eval_every:
+    logger.warning(
+        "config.checkpoint_every (%d) is not a multiple of config.eval_every (%d): checkpoints"
+        " saved between evaluations carry no %s and never count as the best",
+        config.checkpoint_every,
+        config.eval_every,
+        config.best_metric,
+    )
+  if config.optim.accumulate_steps < 1 or config.num_steps % config.optim.accumulate_steps:
+    raise ConfigError(
+        f"config.num_steps ({config.num_steps}) must be a multiple of"
+        f" config.optim.accumulate_steps ({config.optim.accumulate_steps})"
+    )
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything `train` and `evaluate` share: mesh, stage, optimizer, state layout, steps."""
+
+  config: ml_collections.ConfigDict
+  stage: Any
+  mesh: jax.sharding.Mesh
+  data_sharding: jax.sharding.NamedSharding
+  folds: Folds
+  tx: optax.GradientTransformation
+  schedules: dict[str, optax.Schedule]
+  init_state: Callable[[], dict[str, Any]]
+  abstract_state: Any  # ShapeDtypeStructs that carry their shardings.
+  state_shardings: Any
+  train_step: Callable
+  eval_step: Callable
+
+
+def _is_key(leaf: Any) -> bool:
+  return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def build(
+    config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None
+) -> Setup:
+  """Build the mesh, model and optimizer layout, shardings and jitted steps of `config`.
+
+  `devices` defaults to every device of every process.
+  """
+  # ----------------------------------------------------------------- Mesh ---
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  logger.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
+  _check_config(config, mesh.size)
+  data_sharding = mesh_lib.batch_sharding(mesh)
+  replicated = mesh_lib.replicated(mesh)
+  folds = split_folds(config.data)
+  stage = stages.get_stage(config.stage)
+
+  # -------------------------------------------------- Model and optimizer ---
+  # Nothing is allocated here: the model exists only as shapes until the
+  # initialisation below runs under jit straight onto the mesh.
+  abstract_model = nnx.eval_shape(lambda: stage.build_model(config.model, seed=config.seed))
+  abstract_model.train()
+  train_graph, abstract_params, abstract_rngs, _ = stages.split_model(abstract_model)
+  abstract_model.eval()
+  eval_graph = nnx.graphdef(abstract_model)
+  num_updates = config.num_steps // config.optim.accumulate_steps
+  tx, schedules = optim.create_optimizer(config.optim, abstract_params, total_steps=num_updates)
+
+  def init_state() -> dict[str, Any]:
+    model = stage.build_model(config.model, seed=config.seed)
+    _, params, _, extra = stages.split_model(model)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "extra": extra,
+    }
+
+  # ------------------------------------------------------------- Sharding ---
+  state_shapes = jax.eval_shape(init_state)
+  state_shardings = mesh_lib.tree_shardings(
+      state_shapes, mesh, min_shard_size=config.min_shard_size
+  )
+  abstract_state = jax.tree.map(
+      lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+      state_shapes,
+      state_shardings,
+  )
+  share = mesh_lib.replicated_share(state_shapes["params"], state_shardings["params"])
+  param_count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state_shapes["params"]))
+  logger.info(
+      "%d parameters; %.1f%% of parameter bytes replicated on every device", param_count, 100 * share
+  )
+
+  # ---------------------------------------------------------------- Steps ---
+  base_key = jax.random.key(config.seed)
+
+  def step_rngs(step: jax.Array) -> Any:
+    # Dropout and drop path keys from (seed, step): nothing random to checkpoint.
+    key = jax.random.fold_in(base_key, step)
+    leaves, treedef = jax.tree.flatten(abstract_rngs)
+    fresh = [
+        jax.random.fold_in(key, index) if _is_key(leaf) else jnp.zeros(leaf.shape, leaf.dtype)
+        for index, leaf in enumerate(leaves)
+    ]
+    return jax.tree.unflatten(treedef, fresh)
+
+  def train_step(state, metrics, batch):
+    """Run one optimizer step (or one accumulation micro-step).
+
+    `state` and `metrics` are donated: their buffers are reused for the
+    outputs, so the caller must use only the returned ones.
+    """
+
+    def loss_fn(params):
+      model = nnx.merge(train_graph, params, step_rngs(state["step"]), state["extra"])
+      loss, outputs = stage.loss(model, batch, config)
+      _, _, _, extra = stages.split_model(model)
+      return loss, (outputs, extra)
+
+    (_, (outputs, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "extra": extra,
+    }
+    stage_metrics, optimizer_metrics = metrics
+    new_metrics = (
+        stage_metrics.merge(stage.train_metrics.single_from_model_output(**outputs)),
+        optimizer_metrics.merge(
+            OptimizerMetrics.single_from_model_output(grad_norm=optax.tree.norm(grads))
+        ),
+    )
+    return new_state, new_metrics
+
+  def eval_step(state, batch):
+    model = nnx.merge(eval_graph, state["params"], step_rngs(state["step"]), state["extra"])
+    outputs = stage.eval_outputs(model, batch)
+    outputs["valid"] = batch["valid"]
+    return outputs
+
+  jitted_train = jax.jit(
+      train_step,
+      in_shardings=(state_shardings, replicated, data_sharding),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0, 1),
+  )
+  # Outputs are replicated so that every process can read every example.
+  jitted_eval = jax.jit(
+      eval_step, in_shardings=(state_shardings, data_sharding), out_shardings=replicated
+  )
+  return Setup(
+      config=config,
+      stage=stage,
+      mesh=mesh,
+      data_sharding=data_sharding,
+      folds=folds,
+      tx=tx,
+      schedules=schedules,
+      init_state=init_state,
+      abstract_state=abstract_state,
+      state_shardings=state_shardings,
+      train_step=jitted_train,
+      eval_step=jitted_eval,
+  )
+
+
+def empty_metrics(setup: Setup) -> tuple[Any, Any]:
+  metrics = (setup.stage.train_metrics.empty(), OptimizerMetrics.empty())
+  return jax.device_put(metrics, mesh_lib.replicated(setup.mesh))
+
+
+def model_batch(setup: Setup, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Convert the stage's fields of a process-local batch to global arrays on the mesh."""
+  keys = setup.stage.batch_keys
+  missing = [key for key in keys if key not in batch]
+  if missing:
+    raise InputError(f"batches of {setup.config.data.name} lack the fields {missing}")
+  return to_global_batch({key: batch[key] for key in keys}, setup.data_sharding)
+
+
+def compile_train_step(setup: Setup, state: Any, metrics: Any, batch: Mapping[str, Any]):
+  """Compile the train step before step 0 and log the memory XLA reports for it."""
+  compiled = setup.train_step.lower(state, metrics, batch).compile()
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    logger.info(
+        "train step compiled: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB per"
+        " device",
+        memory.argument_size_in_bytes / 2**20,
+        memory.output_size_in_bytes / 2**20,
+        memory.temp_size_in_bytes / 2**20,
+    )
+  else:
+    logger.info("train step compiled (no memory analysis on %s)", jax.default_backend())
+  return compiled
+
+
+# ------------------------------------------------------------------ Input ---
+
+
+def _source(config: ml_collections.ConfigDict):
+  try:
+    return pipeline.load_source(
+        config.data.name, split=config.data.split, data_dir=config.data.data_dir or None
+    )
+  except Exception as error:  # TFDS raises many types for a missing or unbuilt dataset.
+    raise InputError(
+        f"cannot open dataset {config.data.name!r} in {config.data.data_dir or 'the TFDS default'}"
+        f" ({type(error).__name__}: {error}); build it with `uem-ich build-dataset`"
+    ) from error
+
+
+def train_iterator(config: ml_collections.ConfigDict, source: Any, folds: Folds):
+  augment = augment_lib.AugmentConfig() if config.data.augment else None
+  dataset = pipeline.train_dataset(
+      source,
+      folds=folds.train,
+      batch_size=config.data.batch_size // jax.process_count(),
+      seed=config.seed,
+      augment=augment,
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+      worker_count=config.data.worker_count,
+  )
+  return iter(dataset)
+
+
+def collect(setup: Setup, state: Any, source: Any, folds: tuple[int, ...]) -> dict[str, np.ndarray]:
+  """Run the eval step over `folds` and return the outputs of the real (valid) examples."""
+  config = setup.config
+  dataset = pipeline.eval_dataset(
+      source,
+      folds=folds,
+      batch_size=config.data.eval_batch_size // jax.process_count(),
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+      worker_count=0,
+  )
+  parts: dict[str, list[np.ndarray]] = {}
+  for batch in dataset:
+    outputs = setup.eval_step(state, model_batch(setup, batch))
+    for key, value in outputs.items():
+      parts.setdefault(key, []).append(np.asarray(value))
+  joined = {key: np.concatenate(values) for key, values in parts.items()}
+  valid = joined.pop("valid").astype(bool)
+  return {key: value[valid] for key, value in joined.items()}
+
+
+# ------------------------------------------------------------ Checkpoint ---
+
+
+def _initialise(setup: Setup) -> Any:
+  """Fresh state, built under jit straight into its shardings, then `init_from` if set."""
+  state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+  config = setup.config
+  if not config.init_from:
+    return state
+
+  source_dir = pathlib.Path(config.init_from)
+  best_metric = ""
+  if (source_dir / checkpoint_lib.CONFIG_FILE).is_file():
+    best_metric = checkpoint_lib.load_config(source_dir).get("best_metric", "")
+  manager = checkpoint_lib.CheckpointManager(source_dir, best_metric=best_metric, read_only=True)
+  step = checkpoint_lib.resolve_step(
+      manager, None if config.init_from_step < 0 else config.init_from_step, workdir=source_dir
+  )
+  arrays = manager.restore_arrays(step)
+  manager.close()
+
+  name = f"init_from {source_dir} step {step}"
+  params, copied = stages.copy_matching(
+      state["params"], arrays["params"], prefixes=tuple(config.init_from_prefixes), source_name=name
+  )
+  # Copied arrays go straight to their shards, so no device stores a whole
+  # array first.
+  params = jax.tree.map(
+      lambda value, sharding: (
+          jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+          if isinstance(value, np.ndarray)
+          else value
+      ),
+      params,
+      setup.state_shardings["params"],
+  )
+  logger.info("%s: copied %d parameter arrays", name, len(copied))
+  return dict(state, params=params)
+
+
+# ------------------------------------------------------------------ Loop ---
+
+
+def _warn_on_changed_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  if not (workdir / checkpoint_lib.CONFIG_FILE).is_file():
+    return
+  saved = checkpoint_lib.load_config(workdir)
+  current = checkpoint_lib.load_config_text(config.to_json_best_effort())
+  changed = [
+      key
+      for key in sorted(set(saved.keys()) | set(current.keys()))
+      if saved.get(key) != current.get(key)
+  ]
+  if changed:
+    logger.warning(
+        "the config differs from the one saved in %s in %s; resuming with the new values",
+        workdir,
+        ", ".join(changed),
+    )
+
+
+def _host_scalars(metrics: Any) -> dict[str, float]:
+  values = {}
+  for collection in metrics:
+    values.update({key: float(value) for key, value in collection.compute().items()})
+  return values
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+  """Train `config.stage` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  `stop_after` ends this call after that step (saving a checkpoint there), as
+  a preempted job would; a later call resumes to `config.num_steps`.
+  Returns the last training and validation scalars and the final step.
+  Raises NonFiniteLossError (and saves nothing more) when the loss stops being
+  finite.
+  """
+  # ----------------------------------------------------------------- Setup ---
+  mesh_lib.maybe_initialize_distributed(config.distributed)
+  workdir = pathlib.Path(workdir)
+  setup = build(config)
+  _warn_on_changed_config(workdir, config)
+  checkpoint_lib.save_config(workdir, config)
+  source = _source(config)
+  iterator = train_iterator(config, source, setup.folds)
+  manager = checkpoint_lib.CheckpointManager(
+      workdir,
+      keep=config.keep_checkpoints,
+      best_metric=config.best_metric,
+      best_mode=config.best_mode,
+  )
+  writer = writer_lib.MetricWriter(workdir)
+  summary: dict[str, Any] = {"train": {}, "validation": {}}
+  try:
+    # ------------------------------------------------------ State / resume ---
+    latest = manager.latest_step()
+    if latest is not None:
+      state = manager.restore(latest, setup.abstract_state, iterator)
+      logger.info("resumed from %s at step %d", manager.directory, latest)
+    else:
+      state = _initialise(setup)
+    start = int(state["step"])
+    if start >= config.num_steps:
+      logger.info(
+          "%s already contains step %d of %d; nothing to train", workdir, start, config.num_steps
+      )
+
+    metrics = empty_metrics(setup)
+    step_fn = None
+    progress = writer_lib.Progress(config.num_steps, start)
+    last_checked = start
+    last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
+    for step in range(start, last):
+      batch = model_batch(setup, next(iterator))
+      if step_fn is None:
+        step_fn = compile_train_step(setup, state, metrics, batch)
+      state, metrics = step_fn(state, metrics, batch)
+      done = step + 1
+      at_end = done == config.num_steps
+      do_eval = done % config.eval_every == 0 or at_end
+      do_save = done % config.checkpoint_every == 0 or at_end or done == last
+
+      # Logging also checks the loss, so it runs before every save.
+      if done % config.log_every == 0 or do_eval or do_save:
+        scalars = _host_scalars(metrics)
+        if not np.isfinite(scalars["loss"]):
+          raise NonFiniteLossError(
+              f"the training loss became {scalars['loss']} between steps {last_checked + 1} and"
+              f" {done}; stopped without saving this state. The last checkpoint in"
+              f" {manager.directory} is step {manager.latest_step()}. Lower the learning rate,"
+              " check the input, or turn on gradient clipping (config.optim.clip_norm)."
+          )
+        update = done // config.optim.accumulate_steps
+        for name, schedule in setup.schedules.items():
+          scalars[f"lr_{name}"] = float(schedule(update))
+        speed = progress.update(done)
+        scalars.update(speed)
+        writer.write_scalars(done, scalars, prefix="train/")
+        logger.info(
+            "step %d/%d, %.2f steps/s, ETA %s",
+            done,
+            config.num_steps,
+            speed["steps_per_second"],
+            writer_lib.format_eta(speed["eta_seconds"]),
+        )
+        summary["train"] = scalars
+        metrics = empty_metrics(setup)
+        last_checked = done
+
+      # ------------------------------------------------------------ Evals ---
+      validation = None
+      if do_eval:
+        outputs = collect(setup, state, source, setup.folds.validation)
+        validation, _ = setup.stage.evaluate(outputs, validation=None, config=config)
+        writer.write_scalars(done, validation, prefix="val/")
+        summary["validation"] = validation
+      if do_save:
+        saved_metrics = None
+        if validation is not None:
+          saved_metrics = {f"val_{key}": value for key, value in validation.items()}
+        manager.save(done, state, iterator, metrics=saved_metrics)
+      if do_eval or do_save:
+        # Evaluation and checkpoint time stay out of the measured steps/s.
+        progress.restart(done)
+    summary["step"] = int(state["step"])
+    return summary
+  finally:
+    # Pending asynchronous saves finish before the process may exit.
+    manager.close()
+    writer.close()
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def evaluate(
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    output: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+  """Score a saved run on its test fold, with thresholds chosen on its validation fold.
+
+  Uses the checkpoint of `step` (the best one when None) and the folds of the
+  run's config, because any other test fold was part of training. Writes
+  the result to `output` (default `workdir/eval_step<step>_fold<test>.json`)
+  and returns it.
+  """
+  config = checkpoint_lib.load_config(workdir)
+  mesh_lib.maybe_initialize_distributed(config.distributed)
+  try:
+    mesh_lib.mesh_shape(config.mesh, jax.device_count())
+  except mesh_lib.MeshError as error:
+    # Restoring works on any mesh, so evaluation need not match the training hardware.
+    logger.warning("%s; evaluating data-parallel over all %d devices", error, jax.device_count())
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  setup = build(config)
+  manager = checkpoint_lib.CheckpointManager(
+      workdir, best_metric=config.best_metric, best_mode=config.best_mode, read_only=True
+  )
+  try:
+    step = checkpoint_lib.resolve_step(manager, step, workdir=workdir)
+    state = manager.restore(step, setup.abstract_state)
+  finally:
+    manager.close()
+  source = _source(config)
+  validation = collect(setup, state, source, setup.folds.validation)
+  test = collect(setup, state, source, setup.folds.test)
+  _, result = setup.stage.evaluate(test, validation=validation, config=config)
+  result = {
+      "workdir": str(workdir),
+      "step": step,
+      "folds": dataclasses.asdict(setup.folds),
+      **result,
+  }
+  path = pathlib.Path(
+      output or pathlib.Path(workdir) / f"eval_step{step}_fold{setup.folds.test[0]}.json"
+  )
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    logger.info("wrote %s", path)
+  return result
