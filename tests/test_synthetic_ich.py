@@ -201,3 +201,13 @@ def test_cli_unwritable_data_dir(tmp_path, capsys):
   status = cli.main(["build-dataset", "synthetic_ich", "--data-dir", str(not_a_folder / "sub")])
   assert status == 2
   assert "is not a writable folder" in capsys.readouterr().err
+
+
+def test_cli_interrupt_exits_130(tmp_path, monkeypatch, capsys):
+  def interrupted_build(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(build, "build_dataset", interrupted_build)
+  status = cli.main(["build-dataset", "synthetic_ich", "--data-dir", str(tmp_path)])
+  assert status == 130
+  assert "interrupted" in capsys.readouterr().err

@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
       "--manual-dir", default=None, help="folder holding the manually downloaded release"
   )
   build.add_argument(
-      "--config", default=None, help="builder config name; every config when omitted"
+      "--config", default=None, help="builder config name; when omitted, the builder's default configs"
+      " (synthetic_ich: slices and scans)"
   )
   build.set_defaults(run=_build_dataset)
 
@@ -141,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
   except InputError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    # Builds and training runs write to temporary paths first, so what was
+    # completed is kept and the same command resumes or rebuilds.
+    print(f"interrupted: uem-ich {args.command} stopped", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
