@@ -1,0 +1,67 @@
+"""Smoke test of experiments/bench_train_step.py: the JSON line, never the timings."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_train_step.py"
+
+EXPECTED_KEYS = {
+    "variant",
+    "size",
+    "batch",
+    "images_per_s",
+    "timm_images_per_s",
+    "ratio",
+    "inference_images_per_s",
+    "timm_inference_images_per_s",
+    "inference_ratio",
+    "timm_unavailable",
+    "device",
+    "jax_version",
+    "torch_version",
+    "threads",
+}
+
+
+def _load_script():
+  spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.slow  # compiling the steps took about 60 s on a 2-core CPU with a cold JAX cache
+def test_bench_json_line(capsys):
+  bench = _load_script()
+  status = bench.main(
+      ["--variant", "atto", "--size", "32", "--batch", "2", "--steps", "2", "--warmup", "1"]
+  )
+  lines = capsys.readouterr().out.strip().splitlines()
+  result = json.loads(lines[-1])
+
+  assert status == 0
+  assert EXPECTED_KEYS <= set(result)
+  assert result["variant"] == "atto"
+  assert result["size"] == 32
+  assert result["batch"] == 2
+  assert result["images_per_s"] > 0
+  assert result["inference_images_per_s"] > 0
+  if importlib.util.find_spec("torch") is None:
+    assert result["ratio"] is None
+    assert result["inference_ratio"] is None
+    assert result["timm_images_per_s"] is None
+    assert "torch" in result["timm_unavailable"]
+  else:
+    # With torch importable, ratio is null only when timm is not, and then a reason is given.
+    assert (result["ratio"] is None) == (result["timm_unavailable"] is not None)
+
+
+def test_bench_rejects_size_off_stride(capsys):
+  bench = _load_script()
+  with pytest.raises(SystemExit) as error:
+    bench.main(["--size", "48"])
+  assert error.value.code == 2
+  assert "multiple of 32" in capsys.readouterr().err
