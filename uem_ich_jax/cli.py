@@ -55,6 +55,28 @@ def _evaluate(args: argparse.Namespace) -> int:
   return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+  from uem_ich_jax.infer import predict
+
+  report = predict.predict(
+      args.checkpoint, args.input, args.output, step=args.step, series_uid=args.series
+  )
+  scan = report["scan"]["any"]
+  verdict = "positive" if scan["positive"] else "negative"
+  print(
+      f"any: {verdict} (max probability {scan['max_probability']:.3f} at slice {scan['slice']},"
+      f" threshold {scan['threshold']:.3f}); wrote {args.output}/report.json and overview.png"
+  )
+  return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+  from uem_ich_jax import quickstart
+
+  quickstart.run(args.workdir, scans=args.scan, smoke=args.smoke)
+  return 0
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="uem-ich",
@@ -109,6 +131,41 @@ def _parser() -> argparse.ArgumentParser:
       "--output", default=None, help="results JSON; default WORKDIR/eval_step<N>_fold<K>.json"
   )
   evaluate.set_defaults(run=_evaluate)
+
+  predict = commands.add_parser(
+      "predict",
+      help="classify every slice of a scan with a trained run; writes report.json and overview.png",
+  )
+  predict.add_argument("input", help="DICOM folder or file, or NIfTI file")
+  predict.add_argument(
+      "--checkpoint", required=True, help="work directory of a `uem-ich train` run"
+  )
+  predict.add_argument("--output", required=True, help="folder for report.json and overview.png")
+  predict.add_argument(
+      "--step", type=int, default=None, help="checkpoint step; the best checkpoint when omitted"
+  )
+  predict.add_argument(
+      "--series", default=None, help="SeriesInstanceUID to read when the folder contains several"
+  )
+  predict.set_defaults(run=_predict)
+
+  quickstart = commands.add_parser(
+      "quickstart",
+      help="build synthetic data, train, evaluate on held-out patients and predict, in one go",
+  )
+  quickstart.add_argument(
+      "--workdir", required=True, help="folder for the data, the run and the results"
+  )
+  quickstart.add_argument(
+      "--scan",
+      action="append",
+      default=[],
+      help="DICOM folder to predict on after training; repeat for several",
+  )
+  quickstart.add_argument(
+      "--smoke", action="store_true", help="tiny data and model (seconds; for tests)"
+  )
+  quickstart.set_defaults(run=_quickstart)
   return parser
 
 

@@ -1,0 +1,1 @@
+"""Inference on one scan: `predict` (JSON report) and `overview` (PNG picture)."""

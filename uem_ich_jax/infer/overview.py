@@ -1,0 +1,164 @@
+"""The overview picture of a prediction: slices in the brain window, each with its `any` probability.
+
+Layout, top to bottom: a title line, then the slice with the highest `any`
+probability in the brain, subdural and bone windows. Below them is a grid of up
+to `max_tiles` evenly spaced slices, which always includes the top slice, each
+captioned with its index and probability. Slices at or above the `any`
+threshold get a red frame and red caption, the others a grey frame.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Mapping
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from uem_ich_jax.ct.windowing import WINDOW_NAMES, windows_uint8
+from uem_ich_jax.errors import InputError
+
+BACKGROUND = (20, 20, 20)
+TEXT = (235, 235, 235)
+HIGHLIGHT = (230, 40, 40)
+FRAME = (90, 90, 90)
+TILE = 176  # pixels per grid tile
+TOP_TILE = 288  # pixels per window of the top slice
+COLUMNS = 6
+MARGIN = 8
+FRAME_WIDTH = 3
+
+
+class OverviewError(InputError):
+  """The overview cannot be drawn or written; the message names the file."""
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+  try:
+    return ImageFont.load_default(size=size)
+  except TypeError:  # Pillow built without FreeType has only the fixed bitmap font.
+    return ImageFont.load_default()
+
+
+def choose_slices(probs_any: np.ndarray, max_tiles: int) -> list[int]:
+  """Up to `max_tiles` evenly spaced slice indices, always including the most likely one."""
+  count = probs_any.shape[0]
+  top = int(np.argmax(probs_any))
+  if count <= max_tiles:
+    return list(range(count))
+  picked = {int(round(value)) for value in np.linspace(0, count - 1, max_tiles - 1)}
+  picked.add(top)
+  return sorted(picked)
+
+
+def _tile(image: np.ndarray, size: int) -> Image.Image:
+  return Image.fromarray(image, mode="L").resize((size, size), Image.Resampling.BILINEAR)
+
+
+def _framed(tile: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+  framed = Image.new("RGB", (tile.width + 2 * FRAME_WIDTH, tile.height + 2 * FRAME_WIDTH), color)
+  framed.paste(tile.convert("RGB"), (FRAME_WIDTH, FRAME_WIDTH))
+  return framed
+
+
+def render_overview(
+    hu: np.ndarray,
+    probs: np.ndarray,
+    thresholds: Mapping[str, float],
+    *,
+    title: str = "",
+    max_tiles: int = 24,
+) -> Image.Image:
+  """Draw the overview of `hu` (slice, row, column; square slices) with `probs` (slice, 6)."""
+  hu = np.asarray(hu)
+  probs = np.asarray(probs)
+  if hu.ndim != 3 or probs.ndim != 2 or probs.shape[0] != hu.shape[0]:
+    raise OverviewError(
+        f"need hu (slice, row, column) and probabilities (slice, labels) for the same slices,"
+        f" got {hu.shape} and {probs.shape}"
+    )
+  threshold = float(thresholds["any"])
+  top = int(np.argmax(probs[:, 0]))
+  chosen = choose_slices(probs[:, 0], max_tiles)
+  caption_font, title_font = _font(15), _font(18)
+  caption_height, title_height = 22, 30
+
+  framed_tile = TILE + 2 * FRAME_WIDTH
+  framed_top = TOP_TILE + 2 * FRAME_WIDTH
+  columns = min(COLUMNS, len(chosen))
+  rows = -(-len(chosen) // columns)
+  width = max(
+      MARGIN + columns * (framed_tile + MARGIN),
+      MARGIN + len(WINDOW_NAMES) * (framed_top + MARGIN),
+  )
+  top_height = caption_height + framed_top + MARGIN
+  grid_height = rows * (framed_tile + caption_height + MARGIN)
+  height = MARGIN + title_height + top_height + caption_height + grid_height + MARGIN
+  canvas = Image.new("RGB", (width, height), BACKGROUND)
+  draw = ImageDraw.Draw(canvas)
+
+  y = MARGIN
+  draw.text((MARGIN, y), title, fill=TEXT, font=title_font)
+  y += title_height
+
+  levels = windows_uint8(hu[top])  # (row, column, 3): brain, subdural, bone.
+  top_positive = probs[top, 0] >= threshold
+  draw.text(
+      (MARGIN, y),
+      f"slice {top} (highest 'any': {probs[top, 0]:.2f})",
+      fill=HIGHLIGHT if top_positive else TEXT,
+      font=caption_font,
+  )
+  y += caption_height
+  for k, name in enumerate(WINDOW_NAMES):
+    x = MARGIN + k * (framed_top + MARGIN)
+    canvas.paste(
+        _framed(_tile(levels[..., k], TOP_TILE), HIGHLIGHT if top_positive else FRAME), (x, y)
+    )
+    draw.text((x + 2 * FRAME_WIDTH, y + 2 * FRAME_WIDTH), name, fill=TEXT, font=caption_font)
+  y += framed_top + MARGIN
+
+  draw.text(
+      (MARGIN, y),
+      f"brain window, {len(chosen)} of {hu.shape[0]} slices; red: 'any' >= {threshold:.2f}",
+      fill=TEXT,
+      font=caption_font,
+  )
+  y += caption_height
+  for position, index in enumerate(chosen):
+    row, column = divmod(position, columns)
+    x = MARGIN + column * (framed_tile + MARGIN)
+    tile_y = y + row * (framed_tile + caption_height + MARGIN)
+    positive = probs[index, 0] >= threshold
+    color = HIGHLIGHT if positive else FRAME
+    brain = windows_uint8(hu[index])[..., 0]
+    canvas.paste(_framed(_tile(brain, TILE), color), (x, tile_y))
+    caption = f"#{index}  any {probs[index, 0]:.2f}" + ("  top" if index == top else "")
+    draw.text(
+        (x, tile_y + framed_tile + 2),
+        caption,
+        fill=HIGHLIGHT if positive else TEXT,
+        font=caption_font,
+    )
+  return canvas
+
+
+def save_overview(
+    hu: np.ndarray,
+    probs: np.ndarray,
+    thresholds: Mapping[str, float],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    max_tiles: int = 24,
+) -> pathlib.Path:
+  """Render the overview and write it as PNG to `path`."""
+  path = pathlib.Path(path)
+  image = render_overview(hu, probs, thresholds, title=title, max_tiles=max_tiles)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+  except OSError as error:
+    raise OverviewError(f"failed to write the overview to {path}: {error}") from error
+  return path

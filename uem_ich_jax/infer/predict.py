@@ -1,0 +1,342 @@
+"""`uem-ich predict`: one scan through a trained slice classifier to a JSON report and a picture.
+
+Model input rule, the same as for the `synthetic_ich` training data. Each
+slice is a square field of view of `field_of_view_mm` centred on the image,
+resized to `image_size` pixels. It is then windowed (brain, subdural, bone)
+through the same uint8 levels that the dataset stores. A real scan is centre-cropped or padded with
+air to that square field of view using its pixel spacing, separately for rows
+and columns, then resized with linear interpolation. Slices are classified as
+acquired: a tilted or unevenly spaced series is not resampled, because every
+slice is judged on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+import uem_ich_jax
+from uem_ich_jax import ct
+from uem_ich_jax.ct import inspect as ct_inspect
+from uem_ich_jax.ct.volume import AIR_HU
+from uem_ich_jax.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+LABELS = uem_ich_jax.SLICE_LABELS
+DEFAULT_THRESHOLD = 0.5
+REPORT_FILE = "report.json"
+OVERVIEW_FILE = "overview.png"
+
+
+class PredictError(InputError):
+  """A scan, run or output that `predict` cannot use; the message names the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputGeometry:
+  """In-plane size of the model input: `image_size` pixels over `field_of_view_mm`."""
+
+  image_size: int
+  field_of_view_mm: float
+
+
+def input_geometry(config: ml_collections.ConfigDict) -> InputGeometry:
+  """Image size and field of view of a run's training data.
+
+  Taken from `config.dataset` when the run's config describes its build (the
+  quickstart's does); otherwise read from the first example of the run's
+  dataset: its image size, and its column spacing times that size.
+  """
+  dataset = config.get("dataset")
+  if dataset is not None and "image_size" in dataset and "field_of_view_mm" in dataset:
+    return InputGeometry(int(dataset.image_size), float(dataset.field_of_view_mm))
+  from uem_ich_jax.data import pipeline
+
+  try:
+    source = pipeline.load_source(
+        config.data.name, split=config.data.split, data_dir=config.data.data_dir or None
+    )
+    example = source[0]
+  except Exception as error:  # TFDS raises many types for a missing dataset.
+    raise PredictError(
+        f"the run's config names no input size (config.dataset) and its dataset"
+        f" {config.data.name!r} in {config.data.data_dir or 'the TFDS default'} cannot be read"
+        f" ({type(error).__name__}: {error})"
+    ) from error
+  size = int(np.asarray(example["image"]).shape[0])
+  column_mm = float(np.asarray(example["spacing"])[2])
+  return InputGeometry(size, column_mm * size)
+
+
+def read_scan(path: str | os.PathLike, *, series_uid: str | None = None) -> ct.CTVolume:
+  """Read a NIfTI file or a DICOM folder or file; several series need `series_uid`."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise PredictError(f"{path} does not exist")
+  if path.is_file() and ct_inspect.is_nifti(path):
+    return ct.read_nifti(path)
+  # Several series without `series_uid` raise a CTReadError that lists them.
+  return ct.read_dicom_series(path, series_uid=series_uid)
+
+
+def _crop_or_pad(hu: np.ndarray, axis: int, size: int) -> tuple[np.ndarray, int]:
+  """Centre-crop or air-pad `hu` along `axis` to `size`; returns the array and the start offset.
+
+  The offset is the source index of new index 0 (negative when padded).
+  """
+  current = hu.shape[axis]
+  if current >= size:
+    start = (current - size) // 2
+    return np.take(hu, np.arange(start, start + size), axis=axis), start
+  before = (size - current) // 2
+  widths = [(0, 0)] * hu.ndim
+  widths[axis] = (before, size - current - before)
+  return np.pad(hu, widths, constant_values=AIR_HU), -before
+
+
+def square_field_of_view(volume: ct.CTVolume, field_of_view_mm: float) -> ct.CTVolume:
+  """Centre-crop or air-pad every slice to a `field_of_view_mm` square, keeping the spacing.
+
+  The geometry (positions, affine) moves with the new first pixel.
+  """
+  hu = np.asarray(volume.hu, dtype=np.float32)
+  offsets = []
+  for axis in (1, 2):
+    pixels = max(1, int(round(field_of_view_mm / volume.spacing[axis])))
+    hu, start = _crop_or_pad(hu, axis, pixels)
+    offsets.append(start)
+  affine = np.asarray(volume.affine, dtype=np.float64).copy()
+  shift = offsets[0] * affine[:3, 1] + offsets[1] * affine[:3, 2]
+  affine[:3, 3] += shift
+  return dataclasses.replace(
+      volume,
+      hu=hu,
+      positions=np.asarray(volume.positions, dtype=np.float64) + shift,
+      affine=affine,
+  )
+
+
+def model_input(
+    volume: ct.CTVolume, geometry: InputGeometry
+) -> tuple[np.ndarray, ct.CTVolume]:
+  """Build the float32 (slice, size, size, 3) model input of `volume`.
+
+  Also returns the square-field-of-view volume that the overview shows.
+  """
+  square = square_field_of_view(volume, geometry.field_of_view_mm)
+  resized = ct.resize_inplane(square, (geometry.image_size, geometry.image_size))
+  # Through uint8 like the stored dataset, so the levels match training exactly.
+  images = ct.uint8_to_model_input(ct.windows_uint8(resized.hu))
+  return np.asarray(images, dtype=np.float32), square
+
+
+def probabilities(model: nnx.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+  """Sigmoid probabilities (slice, 6) in float32, in batches of `batch_size`.
+
+  The last batch is padded to the full size, so one compiled program serves
+  every batch.
+  """
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, batch):
+    logits = nnx.merge(graphdef, state)(batch)
+    return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+  outputs = []
+  for start in range(0, images.shape[0], batch_size):
+    batch = images[start : start + batch_size]
+    count = batch.shape[0]
+    if count < batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)])
+    outputs.append(np.asarray(forward(state, batch))[:count])
+  return np.concatenate(outputs).astype(np.float32)
+
+
+def resolve_step(workdir: str | os.PathLike, step: int | None) -> int:
+  """`step` if the run saved it, else the run's best checkpoint."""
+  from uem_ich_jax.train import checkpoint
+
+  config = checkpoint.load_config(workdir)
+  manager = checkpoint.CheckpointManager(workdir, best_metric=config.best_metric, read_only=True)
+  try:
+    return checkpoint.resolve_step(manager, step, workdir=workdir)
+  finally:
+    manager.close()
+
+
+def validation_thresholds(
+    workdir: str | os.PathLike, step: int, config: ml_collections.ConfigDict
+) -> tuple[dict[str, float], str]:
+  """Per-label thresholds saved by `uem-ich evaluate` for `step`, and where they came from.
+
+  Falls back to 0.5 for every label, with a source text that states it, when
+  no evaluation of that step and test fold was saved.
+  """
+  path = pathlib.Path(workdir) / f"eval_step{step}_fold{config.data.test_fold}.json"
+  if path.is_file():
+    try:
+      classes = json.loads(path.read_text())["classes"]
+      return {name: float(classes[name]["threshold"]) for name in LABELS}, str(path)
+    except (ValueError, KeyError, TypeError) as error:
+      logger.warning(
+          "%s contains no valid thresholds (%s), so %.1f is used", path, error, DEFAULT_THRESHOLD
+      )
+  return (
+      {name: DEFAULT_THRESHOLD for name in LABELS},
+      f"default {DEFAULT_THRESHOLD}: no evaluation of step {step} was saved in {workdir}"
+      " (run `uem-ich evaluate` to choose thresholds on the validation fold)",
+  )
+
+
+def _finite(value: float) -> float | None:
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+def build_report(
+    volume: ct.CTVolume,
+    probs: np.ndarray,
+    *,
+    input_path: str,
+    model_info: dict[str, Any],
+    thresholds: dict[str, float],
+    threshold_source: str,
+    geometry: InputGeometry,
+) -> dict[str, Any]:
+  """Assemble the JSON report of one scan; every number is finite or None (no NaN in JSON)."""
+  provenance = volume.provenance
+  positions = volume.slice_positions_mm
+  uids = provenance.sop_instance_uids
+  slices = []
+  for index in range(volume.num_slices):
+    slices.append({
+        "index": index,
+        "position_mm": _finite(positions[index]),
+        "sop_instance_uid": uids[index] if index < len(uids) and uids[index] else None,
+        "probabilities": {name: _finite(probs[index, k]) for k, name in enumerate(LABELS)},
+    })
+  scan = {}
+  for k, name in enumerate(LABELS):
+    top = int(np.argmax(probs[:, k]))
+    maximum = float(probs[top, k])
+    scan[name] = {
+        "max_probability": _finite(maximum),
+        "slice": top,
+        "threshold": thresholds[name],
+        "positive": bool(maximum >= thresholds[name]),
+    }
+  top_slice = int(np.argmax(probs[:, 0]))
+  tilt = float(provenance.gantry_tilt_deg)
+  return {
+      "input": input_path,
+      "series_uid": provenance.series_uid or None,
+      "series_description": provenance.series_description or None,
+      "shape": list(volume.shape),
+      "spacing_mm": [float(value) for value in volume.spacing],
+      "gantry_tilt_deg": _finite(tilt),
+      "spacing_varies": bool(provenance.spacing_varies),
+      "reader_warnings": list(provenance.warnings),
+      "slices_as_acquired": (
+          "each slice is classified as acquired (no resampling); positions are along the slice"
+          " normal" + (f"; the gantry tilt of {tilt:.1f} degrees is not corrected" if tilt else "")
+      ),
+      "model_input": {
+          "image_size": geometry.image_size,
+          "field_of_view_mm": geometry.field_of_view_mm,
+          "rule": "centre-crop or air-pad each slice to a square field of view, resize linearly,"
+          " window brain 40/80, subdural 80/200, bone 500/2000",
+      },
+      "model": model_info,
+      "labels": list(LABELS),
+      "thresholds_from": threshold_source,
+      "scan": scan,
+      "top_slice": {
+          "index": top_slice,
+          "position_mm": _finite(positions[top_slice]),
+          "any": _finite(probs[top_slice, 0]),
+      },
+      "slices": slices,
+  }
+
+
+def predict(
+    checkpoint_dir: str | os.PathLike,
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    series_uid: str | None = None,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+  """Classify every slice of `input_path` with the run in `checkpoint_dir`.
+
+  Writes `output_dir/report.json` and `output_dir/overview.png` and returns
+  the report.
+  """
+  from uem_ich_jax.infer import overview
+  from uem_ich_jax.train import checkpoint
+
+  checkpoint_dir = pathlib.Path(checkpoint_dir)
+  output_dir = pathlib.Path(output_dir)
+  volume = read_scan(input_path, series_uid=series_uid)
+  step = resolve_step(checkpoint_dir, step)
+  model, config = checkpoint.restore_model(checkpoint_dir, step)
+  geometry = input_geometry(config)
+  images, square = model_input(volume, geometry)
+  probs = probabilities(model, images, batch_size=batch_size)
+  thresholds, source = validation_thresholds(checkpoint_dir, step, config)
+  model_info = {
+      "workdir": str(checkpoint_dir),
+      "step": step,
+      "name": config.model.name,
+      "variant": config.model.variant if config.model.name == "convnext_v2" else None,
+      "width": config.model.width if config.model.name == "tiny_cnn" else None,
+      "stage": config.stage,
+      "dataset": config.data.name,
+  }
+  if config.data.name.startswith("synthetic_ich"):
+    model_info["note"] = (
+        "trained on synthetic phantom scans only; its probabilities on a real scan are not a"
+        " clinical finding"
+    )
+  report = build_report(
+      volume,
+      probs,
+      input_path=str(input_path),
+      model_info=model_info,
+      thresholds=thresholds,
+      threshold_source=source,
+      geometry=geometry,
+  )
+  try:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+  except OSError as error:
+    raise PredictError(f"failed to write the report to {output_dir}: {error}") from error
+  overview.save_overview(
+      square.hu, probs, thresholds, output_dir / OVERVIEW_FILE, title=_title(report)
+  )
+  return report
+
+
+def _title(report: dict[str, Any]) -> str:
+  name = report["series_description"] or pathlib.Path(report["input"]).name
+  verdict = "positive" if report["scan"]["any"]["positive"] else "negative"
+  top = report["top_slice"]
+  return (
+      f"{name}: any {verdict} (max {report['scan']['any']['max_probability']:.2f} at slice"
+      f" {top['index']}, threshold {report['scan']['any']['threshold']:.2f})"
+  )
