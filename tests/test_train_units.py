@@ -314,3 +314,53 @@ def test_best_step_falls_back_to_latest_without_metrics(tmp_path):
   reader = checkpoint.CheckpointManager(tmp_path, best_metric="val_auc_macro", read_only=True)
   assert reader.best_step() == 2
   reader.close()
+
+
+
+# --------------------------------------------------------------- TinyCNN ---
+
+
+def _tiny_cnn(repo_config, **fields):
+  from uem_ich_jax.train import classification
+
+  model = config_file.load(repo_config).model.copy_and_resolve_references()
+  model.name = "tiny_cnn"
+  model.update(fields)
+  return classification.build_model(model, seed=0)
+
+
+def _parameter_shapes(model) -> dict[str, tuple[int, ...]]:
+  from uem_ich_jax.train import stages
+
+  _, params, _, _ = stages.split_model(model)
+  return {name: tuple(leaf.shape) for name, leaf in stages.flatten(params).items()}
+
+
+def test_tiny_cnn_defaults_keep_two_stage_names(repo_config):
+  shapes = _parameter_shapes(_tiny_cnn(repo_config, width=4))
+  # The names and shapes of checkpoints written before `depth` and `pool` existed.
+  assert sorted({name.split("/")[0] for name in shapes}) == [
+      "encoder_conv1", "encoder_conv2", "encoder_norm", "head"
+  ]
+  assert shapes["head/kernel"] == (8, 6)
+
+
+def test_tiny_cnn_depth_and_avgmax_pool(repo_config):
+  model = _tiny_cnn(repo_config, width=4, depth=4, pool="avgmax")
+  shapes = _parameter_shapes(model)
+  assert shapes["encoder_conv4/kernel"] == (3, 3, 16, 32)
+  assert "encoder_conv5/kernel" not in shapes
+  assert "encoder_norm3/scale" in shapes
+  assert "encoder_norm4/scale" not in shapes  # no norm on the last stage
+  assert shapes["head/kernel"] == (64, 6)  # average and max of 32 channels
+  logits = model(jnp.zeros((2, 32, 32, 3)))
+  assert logits.shape == (2, 6)
+  assert logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "fields, message", [({"depth": 0}, "depth"), ({"pool": "median"}, "pool")]
+)
+def test_tiny_cnn_rejects_bad_fields(repo_config, fields, message):
+  with pytest.raises(InputError, match=message):
+    _tiny_cnn(repo_config, **fields)

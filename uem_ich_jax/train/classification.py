@@ -26,34 +26,75 @@ MODEL_NAMES = ("convnext_v2", "tiny_cnn")
 LOSS_KINDS = ("focal", "bce")
 
 
-class TinyCNN(nnx.Module):
-  """Two strided convolutions and a linear head: the model of smoke runs and tests.
+POOLS = ("avg", "avgmax")
 
-  Its `encoder_*` / `head` names mirror ConvNeXt-V2's split into encoder and
-  head, so the optimizer gives each its own learning rate.
+
+class TinyCNN(nnx.Module):
+  """Strided 3x3 convolutions, global pooling and a linear head: a CPU-sized classifier.
+
+  Stage i (1-based) is a stride-2 convolution to `width * 2**(i - 1)` channels
+  and a GELU. Every stage but the last has a LayerNorm before its GELU.
+  `depth=2, pool="avg"` is the two-convolution model of smoke runs and tests.
+  Max pooling is there to keep the response to a bleed a few pixels wide,
+  which the average over the whole slice dilutes (the quickstart measured
+  depth and pooling together, not each alone). Its `encoder_*` / `head` names mirror
+  ConvNeXt-V2's split into encoder and head, so the optimizer gives each its
+  own learning rate.
   """
 
   def __init__(
-      self, *, width: int = 8, num_classes: int = 6, dropout: float = 0.1, rngs: nnx.Rngs
+      self,
+      *,
+      width: int = 8,
+      depth: int = 2,
+      pool: str = "avg",
+      num_classes: int = 6,
+      dropout: float = 0.1,
+      rngs: nnx.Rngs,
   ):
-    self.encoder_conv1 = nnx.Conv(3, width, (3, 3), strides=(2, 2), rngs=rngs)
-    self.encoder_norm = nnx.LayerNorm(width, epsilon=1e-6, rngs=rngs)
-    self.encoder_conv2 = nnx.Conv(width, 2 * width, (3, 3), strides=(2, 2), rngs=rngs)
+    if depth < 1:
+      raise InputError(f"config.model.depth must be at least 1, got {depth}")
+    if pool not in POOLS:
+      raise InputError(f"config.model.pool {pool!r} is not one of {POOLS}")
+    self.depth = depth
+    self.pool = pool
+    channels = 3
+    for stage in range(1, depth + 1):
+      out = width * 2 ** (stage - 1)
+      conv = nnx.Conv(channels, out, (3, 3), strides=(2, 2), rngs=rngs)
+      setattr(self, f"encoder_conv{stage}", conv)
+      if stage < depth:
+        # Stage 1 keeps the name it had when the model had two stages.
+        name = "encoder_norm" if stage == 1 else f"encoder_norm{stage}"
+        setattr(self, name, nnx.LayerNorm(out, epsilon=1e-6, rngs=rngs))
+      channels = out
     self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
-    self.head = nnx.Linear(2 * width, num_classes, rngs=rngs)
+    features = channels * (2 if pool == "avgmax" else 1)
+    self.head = nnx.Linear(features, num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nnx.gelu(self.encoder_norm(self.encoder_conv1(x)))
-    x = nnx.gelu(self.encoder_conv2(x))
-    x = self.dropout(jnp.mean(x, axis=(1, 2)))
-    return self.head(x).astype(jnp.float32)
+    for stage in range(1, self.depth + 1):
+      x = getattr(self, f"encoder_conv{stage}")(x)
+      if stage < self.depth:
+        x = getattr(self, "encoder_norm" if stage == 1 else f"encoder_norm{stage}")(x)
+      x = nnx.gelu(x)
+    pooled = jnp.mean(x, axis=(1, 2))
+    if self.pool == "avgmax":
+      pooled = jnp.concatenate([pooled, jnp.max(x, axis=(1, 2))], axis=-1)
+    return self.head(self.dropout(pooled)).astype(jnp.float32)
 
 
 def build_model(model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
   """Build the classifier that `config.model` names, in evaluation mode."""
   rngs = nnx.Rngs(params=seed, dropout=seed + 1)
   if model.name == "tiny_cnn":
-    return TinyCNN(width=model.width, num_classes=model.num_classes, rngs=rngs)
+    return TinyCNN(
+        width=model.width,
+        depth=model.get("depth", 2),
+        pool=model.get("pool", "avg"),
+        num_classes=model.num_classes,
+        rngs=rngs,
+    )
   if model.name == "convnext_v2":
     from uem_ich_jax.models import convnext_v2
 
