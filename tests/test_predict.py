@@ -143,6 +143,8 @@ def test_predict_phantom_series(smoke_run, phantom_series, tmp_path):
   _check_report(report, tmp_path, 12)
   assert report["model"]["name"] == "tiny_cnn"
   assert report["model"]["step"] in (2, 4)
+  assert report["model"]["depth"] == 2
+  assert report["model"]["pool"] == "avg"
   # `uem-ich evaluate` ran, so the thresholds are the validation fold's.
   assert report["thresholds_from"].endswith(f"eval_step{report['model']['step']}_fold0.json")
   assert all(entry["sop_instance_uid"] for entry in report["slices"])

@@ -304,6 +304,8 @@ def predict(
       "name": config.model.name,
       "variant": config.model.variant if config.model.name == "convnext_v2" else None,
       "width": config.model.width if config.model.name == "tiny_cnn" else None,
+      "depth": config.model.get("depth", 2) if config.model.name == "tiny_cnn" else None,
+      "pool": config.model.get("pool", "avg") if config.model.name == "tiny_cnn" else None,
       "stage": config.stage,
       "dataset": config.data.name,
   }
