@@ -548,7 +548,7 @@ def test_compressed_series_same_hu(tmp_path, transfer_syntax):
 
 def test_missing_decoder_rejected(tmp_path, monkeypatch):
   _compressed_twin(tmp_path, RLELossless)
-  # Pretend no RLE plugin is installed, as pydicom sees a machine without them.
+  # Pretend no RLE plugin is installed, as on a machine without the plugins.
   monkeypatch.setattr(get_decoder(RLELossless), "_available", {})
   with pytest.raises(CTReadError, match="no decoder installed for transfer syntax RLE"):
     read_dicom_series(tmp_path / "packed")

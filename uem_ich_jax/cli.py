@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   inspect.add_argument("path", help="DICOM folder, DICOM file, or NIfTI file")
   inspect.add_argument(
-      "--series", default=None, help="SeriesInstanceUID to read when the folder holds several"
+      "--series", default=None, help="SeriesInstanceUID to read when the folder contains several"
   )
   inspect.set_defaults(run=_inspect)
 

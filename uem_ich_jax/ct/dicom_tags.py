@@ -81,7 +81,7 @@ def _transfer_syntax(dataset: Dataset, source: str) -> UID:
   """Return the transfer syntax, from the file meta or, without one, as pydicom parsed the file.
 
   Raises:
-    CTReadError: the UID is not a transfer syntax pydicom knows, so the pixel
+    CTReadError: the UID is not a transfer syntax that pydicom supports, so the pixel
       encoding is unknown.
   """
   file_meta = getattr(dataset, "file_meta", None)

@@ -31,7 +31,7 @@ class CTReadError(InputError):
 
 @dataclasses.dataclass(frozen=True)
 class Provenance:
-  """Where a volume came from and what was odd about it."""
+  """Source files, UIDs and reader warnings of a volume."""
 
   source_files: tuple[str, ...] = ()
   # One per slice, in slice order; empty strings for NIfTI or phantom input.

@@ -130,17 +130,8 @@ class Stage(nnx.Module):
   ):
     if downsample:
       self.downsample_norm = layers.layer_norm(in_channels, dtype=dtype, rngs=rngs)
-      self.downsample_conv = nnx.Conv(
-          in_channels,
-          out_channels,
-          kernel_size=(2, 2),
-          strides=(2, 2),
-          padding="VALID",
-          dtype=dtype,
-          param_dtype=jnp.float32,
-          kernel_init=layers.WEIGHT_INIT,
-          bias_init=layers.ZEROS,
-          rngs=rngs,
+      self.downsample_conv = layers.patch_conv(
+          in_channels, out_channels, 2, dtype=dtype, rngs=rngs
       )
     else:
       self.downsample_norm = None
@@ -173,18 +164,7 @@ class ConvNeXtV2(nnx.Module):
     widths = config.widths
     depths = config.depths
 
-    self.stem_conv = nnx.Conv(
-        config.in_channels,
-        widths[0],
-        kernel_size=(4, 4),
-        strides=(4, 4),
-        padding="VALID",
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=layers.WEIGHT_INIT,
-        bias_init=layers.ZEROS,
-        rngs=rngs,
-    )
+    self.stem_conv = layers.patch_conv(config.in_channels, widths[0], 4, dtype=dtype, rngs=rngs)
     self.stem_norm = layers.layer_norm(widths[0], dtype=dtype, rngs=rngs)
 
     rates = np.linspace(0.0, config.drop_path_rate, sum(depths)).tolist()

@@ -64,6 +64,24 @@ def linear(
   )
 
 
+def patch_conv(
+    in_features: int, out_features: int, size: int, *, dtype: jnp.dtype, rngs: nnx.Rngs
+) -> nnx.Conv:
+  """Create the non-overlapping size x size, stride-size convolution of the stem and downsampling."""
+  return nnx.Conv(
+      in_features,
+      out_features,
+      kernel_size=(size, size),
+      strides=(size, size),
+      padding="VALID",
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=WEIGHT_INIT,
+      bias_init=ZEROS,
+      rngs=rngs,
+  )
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """Convolve each channel of NHWC `x` with its own kernel, SAME padding, stride 1.
 

@@ -216,7 +216,7 @@ def resolve_step(manager: CheckpointManager, step: int | None, *, workdir: Any) 
   """`step` if it was saved, else the best step; a CheckpointError names the choices."""
   steps = manager.all_steps()
   if not steps:
-    raise CheckpointError(f"{workdir} holds no finished checkpoint")
+    raise CheckpointError(f"{workdir} contains no finished checkpoint")
   if step is None:
     return manager.best_step()
   if step not in steps:
