@@ -129,6 +129,46 @@ def other_folds(fold: int, num_folds: int) -> list[int]:
   return [k for k in range(num_folds) if k != fold]
 
 
+def patient_subset(
+    source: Any, indices: np.ndarray, fraction: float, *, seed: int = 0
+) -> np.ndarray:
+  """Keep the examples of a seeded random `fraction` of the patients among `indices`.
+
+  Patients are the distinct `patient_id`s of the examples; round(fraction x
+  count) of them are kept (at least one), drawn by a permutation seeded with
+  `seed`, so the same seed keeps the same patients whatever the training seed.
+  All examples of a kept patient stay, so that no patient is split. This is how
+  a "10% of the labelled patients" experiment is set up.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise DataPipelineError(f"the patient fraction must be in (0, 1], got {fraction}")
+  if fraction == 1.0:
+    return indices
+  # TODO: reading the ids decodes every example of the training folds once;
+  # builders could store the patient of each example in their metadata, as
+  # they do for folds.
+  patients = np.asarray([_text(source[int(index)]["patient_id"]) for index in indices])
+  if np.any(patients == ""):
+    raise DataPipelineError("some examples have no patient_id; cannot select a fraction of patients")
+  unique = np.unique(patients)
+  count = max(1, round(fraction * len(unique)))
+  kept = np.random.default_rng(seed).permutation(unique)[:count]
+  selected = indices[np.isin(patients, kept)]
+  logger.info(
+      "kept %d of %d patients (%d of %d examples), patient seed %d",
+      count,
+      len(unique),
+      len(selected),
+      len(indices),
+      seed,
+  )
+  return selected
+
+
+def _text(value: Any) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   if shard_index is None or shard_count is None:
     # jax.process_index() starts the JAX backend, so it runs only when the
@@ -260,6 +300,8 @@ def train_dataset(
     shard_count: int | None = None,
     worker_count: int = 0,
     read_threads: int = 4,
+    patient_fraction: float = 1.0,
+    patient_seed: int = 0,
 ) -> grain.IterDataset:
   """Shuffled, augmented training batches of the examples in `folds`.
 
@@ -279,6 +321,8 @@ def train_dataset(
       process takes the same number of steps.
     worker_count: grain worker processes (0 reads in this process).
     read_threads: threads that read and transform examples in each process.
+    patient_fraction, patient_seed: train on the examples of this fraction of
+      the patients only (see `patient_subset`).
 
   Returns:
     A grain `IterDataset`; its iterators support `get_state`/`set_state`.
@@ -286,7 +330,9 @@ def train_dataset(
   if batch_size < 1:
     raise DataPipelineError(f"batch_size must be at least 1, got {batch_size}")
   shard_index, shard_count = _resolve_shard(shard_index, shard_count)
-  indices = fold_indices(source, folds)
+  indices = patient_subset(
+      source, fold_indices(source, folds), patient_fraction, seed=patient_seed
+  )
   per_shard = len(indices) // shard_count
   if per_shard < batch_size:
     raise DataPipelineError(
