@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_batch_size = 32  # global; the last batch is padded, never dropped
   config.data.augment = True
   config.data.worker_count = 0  # grain worker processes per host
+  # Train on the examples of this fraction of the training patients (seeded
+  # by patient_seed, so every training seed sees the same patients).
+  config.data.patient_fraction = 1.0
+  config.data.patient_seed = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "convnext_v2"  # or "tiny_cnn" (smoke runs)
@@ -70,12 +74,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 50
   config.eval_every = 500
   config.checkpoint_every = 500
+  config.image_every = 0  # stages that draw pictures: steps between them, plus one at the end; 0: none
+  config.image_count = 8  # validation images in each picture
   config.keep_checkpoints = 2  # latest checkpoints kept, plus the best one
   config.best_metric = "val_auc_macro"  # empty: keep only the latest
   config.best_mode = "max"
 
-  # Start from another run's checkpoint (a work directory); never silently random.
-  config.init_from = ""
-  config.init_from_step = -1  # -1: that run's best checkpoint
-  config.init_from_prefixes = ("",)  # parameter paths to copy; "" copies all
+  # Where the weights come from, said explicitly: "random", a run's work
+  # directory, or an encoder export such as SSL_WORKDIR/export/encoder (which
+  # must cover every array outside the head). A missing or mismatched source is
+  # an error, never a silent random start.
+  config.init_from = "random"
+  config.init_from_step = -1  # work directories only; -1: that run's best checkpoint
+  config.init_from_prefixes = ("",)  # work directories only: paths to copy; "" copies all
   return config

@@ -11,7 +11,7 @@ from uem_ich_jax import cli
 from uem_ich_jax.data import pipeline
 from uem_ich_jax.datasets.synthetic_ich import SyntheticIch, SyntheticIchConfig
 from uem_ich_jax.errors import InputError
-from uem_ich_jax.train import checkpoint, classification, config_file, trainer
+from uem_ich_jax.train import checkpoint, classification, config_file, stages, trainer
 
 DATASET = "synthetic_ich/slices_train_tiny"
 
@@ -160,8 +160,12 @@ def test_init_from_bad_checkpoint_raises(
     request, data_dir, tmp_path, smoke_run
 ):
   missing = _config(request, data_dir, init_from=str(tmp_path / "nowhere"))
-  with pytest.raises(InputError, match="no checkpoints"):
+  with pytest.raises(InputError, match="nowhere does not exist"):
     trainer.train(missing, tmp_path / "a")
+  (tmp_path / "empty").mkdir()
+  empty = _config(request, data_dir, init_from=str(tmp_path / "empty"))
+  with pytest.raises(InputError, match="no checkpoints"):
+    trainer.train(empty, tmp_path / "a")
   wider = _config(request, data_dir, init_from=str(smoke_run[0]), **{"model.width": 16})
   with pytest.raises(InputError, match="does not fit this model"):
     trainer.train(wider, tmp_path / "b")
@@ -191,3 +195,71 @@ def test_cli_reports_config_errors(request, tmp_path, capsys):
   rc = cli.main(["evaluate", f"--workdir={tmp_path / 'none'}"])
   assert rc == 2
   assert "config.json does not exist" in capsys.readouterr().err
+
+
+def test_init_from_must_name_a_source(request, data_dir, tmp_path):
+  config = _config(request, data_dir, init_from="")
+  with pytest.raises(trainer.ConfigError, match="set it to 'random'"):
+    trainer._initialise(trainer.build(config))
+
+
+def _encoder_arrays(state):
+  """Every parameter but the head, shifted so that a copy is told apart from a fresh draw."""
+  params = jax.tree.map(lambda leaf: np.asarray(leaf) + 1.0, dict(state["params"]))
+  params.pop("head")
+  return {"params": params, "extra": {}}
+
+
+def test_init_from_encoder_export_copies_everything_but_the_head(request, data_dir, tmp_path):
+  config = _config(request, data_dir)
+  setup = trainer.build(config)
+  fresh = jax.jit(setup.init_state)()
+  arrays = _encoder_arrays(fresh)
+  export = checkpoint.export_encoder(tmp_path / "export", arrays, {"step": 7})
+
+  config.init_from = str(export)
+  state = trainer._initialise(trainer.build(config))
+  copied = stages.flatten(state["params"])
+  for name, array in stages.flatten(arrays["params"]).items():
+    np.testing.assert_array_equal(copied[name], array)
+  np.testing.assert_array_equal(state["params"]["head"]["kernel"], fresh["params"]["head"]["kernel"])
+
+
+@pytest.mark.parametrize("defect", ["missing array", "extra array", "wrong shape", "no manifest"])
+def test_init_from_rejects_a_mismatched_encoder_export(request, data_dir, tmp_path, defect):
+  config = _config(request, data_dir)
+  arrays = _encoder_arrays(jax.jit(trainer.build(config).init_state)())
+  if defect == "missing array":
+    del arrays["params"]["encoder_conv2"]["bias"]
+    message = "not in the export"
+  elif defect == "extra array":
+    arrays["params"]["encoder_conv9"] = {"kernel": np.zeros((3, 3), np.float32)}
+    message = "not in the model"
+  elif defect == "wrong shape":
+    arrays["params"]["encoder_conv1"]["bias"] = np.zeros((5,), np.float32)
+    message = "mismatched"
+  else:
+    message = "encoder.json is missing"
+  export = checkpoint.export_encoder(tmp_path / "export", arrays, {"step": 1})
+  if defect == "no manifest":
+    (export / checkpoint.ENCODER_MANIFEST).unlink()
+  config.init_from = str(export)
+  with pytest.raises(InputError, match=message):
+    trainer._initialise(trainer.build(config))
+
+
+def test_patient_subset_keeps_whole_patients(data_dir):
+  source = pipeline.load_source(DATASET, data_dir=str(data_dir))
+  indices = np.arange(len(source))
+  patients = np.asarray([source[int(i)]["patient_id"] for i in indices])
+  half = pipeline.patient_subset(source, indices, 0.5, seed=0)
+  kept = set(patients[half])
+  assert len(kept) == round(0.5 * len(set(patients)))
+  # Every example of a kept patient stays.
+  np.testing.assert_array_equal(half, indices[np.isin(patients, list(kept))])
+  np.testing.assert_array_equal(half, pipeline.patient_subset(source, indices, 0.5, seed=0))
+  others = [set(patients[pipeline.patient_subset(source, indices, 0.5, seed=s)]) for s in range(1, 6)]
+  assert any(other != kept for other in others)
+  assert pipeline.patient_subset(source, indices, 1.0) is indices
+  with pytest.raises(pipeline.DataPipelineError, match=r"in \(0, 1\]"):
+    pipeline.patient_subset(source, indices, 0.0)

@@ -49,9 +49,19 @@ def _evaluate(args: argparse.Namespace) -> int:
   from uem_ich_jax.train import trainer
 
   result = trainer.evaluate(args.workdir, step=args.step, output=args.output)
-  summary = {key: result[key] for key in ("step", "folds", "n_test", "auc", "macro")}
+  # The headline of each stage's result; the full result is in the JSON file.
+  keys = ("step", "folds", "n_test", "auc", "macro", "loss", "mse", "glcm")
+  summary = {key: result[key] for key in keys if key in result}
   json.dump(summary, sys.stdout, indent=2)
   sys.stdout.write("\n")
+  return 0
+
+
+def _export_encoder(args: argparse.Namespace) -> int:
+  from uem_ich_jax.train import trainer
+
+  path = trainer.export_encoder(args.workdir, step=args.step)
+  print(path)
   return 0
 
 
@@ -131,6 +141,16 @@ def _parser() -> argparse.ArgumentParser:
       "--output", default=None, help="results JSON; default WORKDIR/eval_step<N>_fold<K>.json"
   )
   evaluate.set_defaults(run=_evaluate)
+
+  export = commands.add_parser(
+      "export-encoder",
+      help="write the encoder of a pretraining run to WORKDIR/export/encoder, for init_from",
+  )
+  export.add_argument("--workdir", required=True, help="work directory of a pretraining run")
+  export.add_argument(
+      "--step", type=int, default=None, help="checkpoint step; the best checkpoint when omitted"
+  )
+  export.set_defaults(run=_export_encoder)
 
   predict = commands.add_parser(
       "predict",

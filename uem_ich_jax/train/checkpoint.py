@@ -7,6 +7,8 @@ A work directory is self-describing:
                                  `data` (the grain iterator of each process)
     WORKDIR/checkpoints/<step>/metrics  validation metrics of that step, when
                                  it was evaluated; `best_step` ranks by them
+    WORKDIR/export/encoder/      the encoder of a pretraining run
+                                 (`export_encoder`), for `init_from`
     WORKDIR/tensorboard/         event files
     WORKDIR/eval_*.json          results of `uem-ich evaluate`
 
@@ -35,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+# A pretraining run writes its encoder to WORKDIR/export/encoder.
+ENCODER_EXPORT_DIR = "export/encoder"
+# The manifest is written last, so an export without it is incomplete.
+ENCODER_MANIFEST = "encoder.json"
+ENCODER_FORMAT = "uem-ich-jax encoder"
 
 
 class CheckpointError(InputError):
@@ -249,3 +256,63 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None):
   )
   logger.info("restored %s step %d", workdir, step)
   return model, config
+
+
+def is_encoder_export(path: str | os.PathLike) -> bool:
+  return (pathlib.Path(path) / ENCODER_MANIFEST).is_file()
+
+
+def export_encoder(
+    directory: str | os.PathLike, arrays: dict[str, Any], manifest: dict[str, Any]
+) -> pathlib.Path:
+  """Write an encoder's `params` and `extra` (BatchNorm statistics) to `directory`.
+
+  Every process must call this (Orbax writes sharded arrays collectively);
+  process 0 writes `encoder.json` from `manifest` after the arrays are
+  complete, so an interrupted export is never taken for a finished one.
+  """
+  directory = pathlib.Path(directory).absolute()
+  manifest_path = directory / ENCODER_MANIFEST
+  if jax.process_index() == 0:
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / "arrays", arrays, force=True)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  if jax.process_index() == 0:
+    manifest = {"format": ENCODER_FORMAT, **manifest}
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+  logger.info("exported the encoder to %s", directory)
+  return directory
+
+
+def read_encoder_export(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Read an `export_encoder` directory: (manifest, {"params": ..., "extra": ...}) as numpy."""
+  directory = pathlib.Path(directory)
+  manifest_path = directory / ENCODER_MANIFEST
+  if not manifest_path.is_file():
+    raise CheckpointError(
+        f"{directory} is not an encoder export: {ENCODER_MANIFEST} is missing (an interrupted"
+        " export leaves none; export again with `uem-ich export-encoder`)"
+    )
+  try:
+    manifest = json.loads(manifest_path.read_text())
+  except json.JSONDecodeError as error:
+    raise CheckpointError(f"{manifest_path} is not valid JSON: {error}") from error
+  if not isinstance(manifest, dict) or manifest.get("format") != ENCODER_FORMAT:
+    raise CheckpointError(f"{manifest_path} does not describe a {ENCODER_FORMAT} export")
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    metadata = checkpointer.metadata(directory / "arrays").item_metadata
+    target = jax.tree.map(
+        lambda leaf: np.empty(leaf.shape, leaf.dtype),
+        dict(metadata),
+        is_leaf=lambda leaf: hasattr(leaf, "shape") and hasattr(leaf, "dtype"),
+    )
+    arrays = checkpointer.restore(directory / "arrays", target)
+  except (FileNotFoundError, ValueError, KeyError) as error:
+    raise CheckpointError(f"cannot read the arrays of the encoder export {directory}: {error}") from error
+  finally:
+    checkpointer.close()
+  return manifest, arrays

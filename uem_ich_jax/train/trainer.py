@@ -128,6 +128,7 @@ class Setup:
   state_shardings: Any
   train_step: Callable
   eval_step: Callable
+  eval_model: Callable[[Any], nnx.Module]  # state -> the model in evaluation mode
 
 
 def _is_key(leaf: Any) -> bool:
@@ -230,8 +231,11 @@ def build(
     )
     return new_state, new_metrics
 
+  def eval_model(state):
+    return nnx.merge(eval_graph, state["params"], step_rngs(state["step"]), state["extra"])
+
   def eval_step(state, batch):
-    model = nnx.merge(eval_graph, state["params"], step_rngs(state["step"]), state["extra"])
+    model = eval_model(state)
     outputs = stage.eval_outputs(model, batch)
     outputs["valid"] = batch["valid"]
     return outputs
@@ -259,6 +263,7 @@ def build(
       state_shardings=state_shardings,
       train_step=jitted_train,
       eval_step=jitted_eval,
+      eval_model=eval_model,
   )
 
 
@@ -319,8 +324,31 @@ def train_iterator(config: ml_collections.ConfigDict, source: Any, folds: Folds)
       shard_index=jax.process_index(),
       shard_count=jax.process_count(),
       worker_count=config.data.worker_count,
+      patient_fraction=config.data.get("patient_fraction", 1.0),
+      patient_seed=config.data.get("patient_seed", 0),
   )
   return iter(dataset)
+
+
+def picture_images(config: ml_collections.ConfigDict, source: Any, folds: Folds) -> np.ndarray:
+  """The first validation images, the same on every process, for the pictures of a stage."""
+  count = config.get("image_count", 8)
+  dataset = pipeline.eval_dataset(
+      source, folds=folds.validation, batch_size=count, shard_index=0, shard_count=1
+  )
+  batch = next(iter(dataset))
+  return np.asarray(batch["image"])[np.asarray(batch["valid"], bool)]
+
+
+def write_pictures(setup: Setup, state: Any, images: np.ndarray, workdir: pathlib.Path) -> None:
+  """Let a stage that draws pictures (`stage.write_images`) draw them for this state."""
+  step = int(state["step"])
+  path = workdir / "images" / f"step{step:07d}.png"
+  model = setup.eval_model(state)
+  replicated = mesh_lib.replicated(setup.mesh)
+  images = jax.make_array_from_process_local_data(replicated, images)
+  setup.stage.write_images(model, images, path, setup.config)
+  logger.info("wrote %s", path)
 
 
 def collect(setup: Setup, state: Any, source: Any, folds: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -347,41 +375,118 @@ def collect(setup: Setup, state: Any, source: Any, folds: tuple[int, ...]) -> di
 # ------------------------------------------------------------ Checkpoint ---
 
 
+RANDOM_INIT = "random"
+
+
 def _initialise(setup: Setup) -> Any:
-  """Fresh state, built under jit straight into its shardings, then `init_from` if set."""
+  """Fresh state, built under jit straight into its shardings, then `init_from` unless random.
+
+  `config.init_from` must say where the weights come from: "random", a run's
+  work directory (its checkpoint `init_from_step`, the arrays under
+  `init_from_prefixes`), or an encoder export (a directory with encoder.json,
+  such as WORKDIR/export/encoder of a pretraining run), which must cover the
+  whole model except the head.
+  """
   state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
   config = setup.config
-  if not config.init_from:
+  init_from = str(config.init_from)
+  if init_from == RANDOM_INIT:
+    logger.info("config.init_from is %r: starting from freshly drawn weights", RANDOM_INIT)
     return state
+  if not init_from:
+    raise ConfigError(
+        f"config.init_from is empty; set it to {RANDOM_INIT!r} to start from random weights, or to"
+        " a run's work directory or an encoder export (WORKDIR/export/encoder)"
+    )
+  source_dir = pathlib.Path(init_from)
+  if not source_dir.exists():
+    raise checkpoint_lib.CheckpointError(f"config.init_from {init_from} does not exist")
 
-  source_dir = pathlib.Path(config.init_from)
-  best_metric = ""
-  if (source_dir / checkpoint_lib.CONFIG_FILE).is_file():
-    best_metric = checkpoint_lib.load_config(source_dir).get("best_metric", "")
-  manager = checkpoint_lib.CheckpointManager(source_dir, best_metric=best_metric, read_only=True)
-  step = checkpoint_lib.resolve_step(
-      manager, None if config.init_from_step < 0 else config.init_from_step, workdir=source_dir
-  )
-  arrays = manager.restore_arrays(step)
-  manager.close()
+  if checkpoint_lib.is_encoder_export(source_dir) or (source_dir / "arrays").is_dir():
+    manifest, arrays = checkpoint_lib.read_encoder_export(source_dir)
+    name = f"encoder export {source_dir} (step {manifest.get('step')})"
+    params, copied = stages.copy_encoder(
+        state["params"], arrays["params"], head_prefix=config.optim.head_prefix, source_name=name
+    )
+    extra = state["extra"]
+    if jax.tree.leaves(extra) or jax.tree.leaves(arrays.get("extra", {})):
+      extra, _ = stages.copy_encoder(
+          extra, arrays.get("extra", {}), head_prefix=config.optim.head_prefix, source_name=name
+      )
+  else:
+    best_metric = ""
+    if (source_dir / checkpoint_lib.CONFIG_FILE).is_file():
+      best_metric = checkpoint_lib.load_config(source_dir).get("best_metric", "")
+    manager = checkpoint_lib.CheckpointManager(source_dir, best_metric=best_metric, read_only=True)
+    step = checkpoint_lib.resolve_step(
+        manager, None if config.init_from_step < 0 else config.init_from_step, workdir=source_dir
+    )
+    arrays = manager.restore_arrays(step)
+    manager.close()
+    name = f"init_from {source_dir} step {step}"
+    params, copied = stages.copy_matching(
+        state["params"],
+        arrays["params"],
+        prefixes=tuple(config.init_from_prefixes),
+        source_name=name,
+    )
+    extra = state["extra"]
 
-  name = f"init_from {source_dir} step {step}"
-  params, copied = stages.copy_matching(
-      state["params"], arrays["params"], prefixes=tuple(config.init_from_prefixes), source_name=name
-  )
   # Copied arrays go straight to their shards, so no device stores a whole
   # array first.
-  params = jax.tree.map(
-      lambda value, sharding: (
-          jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-          if isinstance(value, np.ndarray)
-          else value
-      ),
-      params,
-      setup.state_shardings["params"],
-  )
+  def place(tree, shardings):
+    return jax.tree.map(
+        lambda value, sharding: (
+            jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+            if isinstance(value, np.ndarray)
+            else value
+        ),
+        tree,
+        shardings,
+    )
+
+  params = place(params, setup.state_shardings["params"])
+  extra = place(extra, setup.state_shardings["extra"])
   logger.info("%s: copied %d parameter arrays", name, len(copied))
-  return dict(state, params=params)
+  return dict(state, params=params, extra=extra)
+
+
+def _export(
+    config: ml_collections.ConfigDict, state: Any, workdir: pathlib.Path
+) -> pathlib.Path | None:
+  """Export the encoder of a stage that has one (`stage.encoder_path`) to WORKDIR/export/encoder."""
+  path = getattr(stages.get_stage(config.stage), "encoder_path", None)
+  if path is None:
+    return None
+  manifest = {
+      "stage": config.stage,
+      "step": int(state["step"]),
+      "workdir": str(pathlib.Path(workdir).absolute()),
+      "model": config.model.to_dict(),
+  }
+  arrays = {"params": state["params"][path], "extra": state["extra"].get(path, {})}
+  return checkpoint_lib.export_encoder(
+      pathlib.Path(workdir) / checkpoint_lib.ENCODER_EXPORT_DIR, arrays, manifest
+  )
+
+
+def export_encoder(workdir: str | os.PathLike, *, step: int | None = None) -> pathlib.Path:
+  """Export the encoder of checkpoint `step` (default: the best) of a pretraining run.
+
+  Training exports the last step by itself; this exports any other saved one.
+  """
+  config = checkpoint_lib.load_config(workdir)
+  if getattr(stages.get_stage(config.stage), "encoder_path", None) is None:
+    raise InputError(f"{workdir} is a {config.stage!r} run, which has no encoder to export")
+  manager = checkpoint_lib.CheckpointManager(
+      workdir, best_metric=config.best_metric, best_mode=config.best_mode, read_only=True
+  )
+  try:
+    step = checkpoint_lib.resolve_step(manager, step, workdir=workdir)
+    arrays = manager.restore_arrays(step)
+  finally:
+    manager.close()
+  return _export(config, arrays, pathlib.Path(workdir))
 
 
 # ------------------------------------------------------------------ Loop ---
@@ -457,6 +562,8 @@ def train(
       )
 
     metrics = empty_metrics(setup)
+    image_every = config.get("image_every", 0) if hasattr(setup.stage, "write_images") else 0
+    images = picture_images(config, source, setup.folds) if image_every else None
     step_fn = None
     progress = writer_lib.Progress(config.num_steps, start)
     last_checked = start
@@ -505,6 +612,8 @@ def train(
         validation, _ = setup.stage.evaluate(outputs, validation=None, config=config)
         writer.write_scalars(done, validation, prefix="val/")
         summary["validation"] = validation
+      if image_every and (done % image_every == 0 or at_end):
+        write_pictures(setup, state, images, workdir)
       if do_save:
         saved_metrics = None
         if validation is not None:
@@ -513,6 +622,10 @@ def train(
       if do_eval or do_save:
         # Evaluation and checkpoint time stay out of the measured steps/s.
         progress.restart(done)
+    if int(state["step"]) >= config.num_steps:
+      exported = _export(config, state, workdir)
+      if exported is not None:
+        summary["encoder_export"] = str(exported)
     summary["step"] = int(state["step"])
     return summary
   finally:
