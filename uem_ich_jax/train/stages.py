@@ -24,6 +24,7 @@ from uem_ich_jax.train.mesh import path_name
 # Stage name -> module defining `STAGE`.
 STAGE_MODULES = {
     "classification": "uem_ich_jax.train.classification",
+    "ssl_pretrain": "uem_ich_jax.train.ssl",
 }
 
 
@@ -120,6 +121,36 @@ def copy_matching(
   if not copied:
     raise InputError(f"{source_name}: no parameter matched the prefixes {list(prefixes)}")
   return result, copied
+
+
+def copy_encoder(
+    target: Any, source: Any, *, head_prefix: str, source_name: str
+) -> tuple[Any, list[str]]:
+  """Copy every array of an exported encoder into `target`, where the same path has it.
+
+  Strict both ways: an exported array that the model lacks, or has in another
+  shape, is an error (the export belongs to another architecture), and so is
+  a model array outside the head (`head_prefix`) that the export does not
+  hold, because it would start from random weights. Returns the new tree and
+  the copied paths.
+  """
+  source_flat = flatten(source)
+  target_flat = flatten(target)
+  absent = sorted(set(source_flat) - set(target_flat))
+  uncovered = sorted(
+      name for name in set(target_flat) - set(source_flat)
+      if not (head_prefix and name.startswith(head_prefix))
+  )
+  if absent or uncovered:
+    raise InputError(
+        f"{source_name} does not fit this model: {len(absent)} exported arrays are not in the"
+        f" model (first {absent[:3]}) and {len(uncovered)} model arrays outside the head"
+        f" {head_prefix!r} are not in the export (first {uncovered[:3]}); is it the same"
+        " encoder variant and coordinate attention placement?"
+    )
+  return copy_matching(
+      target, source, prefixes=tuple(sorted(source_flat)) or ("",), source_name=source_name
+  )
 
 
 def model_from_arrays(
