@@ -158,3 +158,110 @@ def test_batch_statistics_global_on_mesh():
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "sharded statistics match" in result.stdout
+
+
+# A (2, 4, 5) visible mask. Image 0 has row 2 and columns 0 and 4 fully masked,
+# and image 1 has a single visible position.
+MASK = np.zeros((2, 4, 5, 1), np.float32)
+MASK[0, [0, 1, 3], 1:4] = 1.0
+MASK[1, 3, 2] = 1.0
+
+
+def _masked_strips(block: CoordinateAttention, x: np.ndarray, mask: np.ndarray):
+  """Visible-only strip means through conv1, and which strips have a visible position, in float64."""
+  x = x.astype(np.float64) * mask
+  count_h = mask.sum(axis=2)
+  count_w = mask.sum(axis=1)
+  pooled_h = x.sum(axis=2) / np.maximum(count_h, 1.0)
+  pooled_w = x.sum(axis=1) / np.maximum(count_w, 1.0)
+  strips = np.concatenate([pooled_h, pooled_w], axis=1)
+  hidden = strips @ np.asarray(block.conv1.kernel[...], np.float64) + np.asarray(block.conv1.bias[...])
+  strip_visible = np.concatenate([count_h, count_w], axis=1)[..., 0] > 0
+  return x, hidden, strip_visible
+
+
+def _masked_reference(block, x, mask, mean, var):
+  """Masked coordinate attention in float64 with the given BatchNorm statistics."""
+  x, hidden, _ = _masked_strips(block, x, mask)
+  height = x.shape[1]
+  bn = block.bn1
+  hidden = (hidden - mean) / np.sqrt(var + 1e-5) * np.asarray(bn.scale[...]) + np.asarray(bn.bias[...])
+  hidden = hidden / (1.0 + np.exp(-hidden))
+
+  def dense(layer, value):
+    return value @ np.asarray(layer.kernel[...], np.float64) + np.asarray(layer.bias[...], np.float64)
+
+  attention_h = 1.0 / (1.0 + np.exp(-dense(block.conv_h, hidden[:, :height])))
+  attention_w = 1.0 / (1.0 + np.exp(-dense(block.conv_w, hidden[:, height:])))
+  return x * attention_h[:, :, None, :] * attention_w[:, None, :, :]
+
+
+def test_masked_eval_matches_reference():
+  block = _randomised()
+  x = np.random.default_rng(5).normal(size=(2, 4, 5, 64)).astype(np.float32)
+  y = np.asarray(block(jnp.asarray(x), jnp.asarray(MASK)))
+  expected = _masked_reference(block, x, MASK, np.asarray(block.bn1.mean[...]), np.asarray(block.bn1.var[...]))
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+  assert np.all(y[np.broadcast_to(MASK == 0, y.shape)] == 0.0)
+
+
+def test_masked_training_statistics_visible_strips_only():
+  block = _randomised()
+  old_mean = np.asarray(block.bn1.mean[...]).copy()
+  old_var = np.asarray(block.bn1.var[...]).copy()
+  x = np.random.default_rng(6).normal(size=(2, 4, 5, 64)).astype(np.float32)
+  _, hidden, strip_visible = _masked_strips(block, x, MASK)
+  counted = hidden[strip_visible]  # (strips with a visible position, m)
+  # 3 rows and 3 columns of image 0, 1 row and 1 column of image 1: 8 of 18 strips.
+  assert counted.shape[0] == 8
+  batch_mean = counted.mean(axis=0)
+  batch_var = counted.var(axis=0)
+
+  block.train()
+  y = np.asarray(block(jnp.asarray(x), jnp.asarray(MASK)))
+  np.testing.assert_allclose(y, _masked_reference(block, x, MASK, batch_mean, batch_var), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(block.bn1.mean[...], 0.9 * old_mean + 0.1 * batch_mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(block.bn1.var[...], 0.9 * old_var + 0.1 * batch_var, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_ignores_values_under_mask():
+  block = _randomised()
+  block.train()
+  x = np.random.default_rng(7).normal(size=(2, 4, 5, 64)).astype(np.float32)
+  noisy = np.where(MASK > 0, x, 100.0).astype(np.float32)
+  graphdef, state = nnx.split(block)
+
+  def apply(x):
+    return nnx.merge(graphdef, nnx.clone(state))(jnp.asarray(x), jnp.asarray(MASK))
+
+  np.testing.assert_allclose(apply(noisy), apply(x * MASK), rtol=1e-6, atol=1e-6)
+
+
+def test_masked_all_visible_equals_dense():
+  block = _randomised()
+  x = jax.random.normal(jax.random.key(8), (2, 4, 5, 64))
+  np.testing.assert_allclose(block(x, jnp.ones((2, 4, 5, 1), bool)), block(x), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_gradient_finite_when_strips_empty():
+  block = _randomised()
+  block.train()
+  x = jax.random.normal(jax.random.key(9), (2, 4, 5, 64)).at[..., 3].set(0.0)
+
+  def loss(module, x):
+    return jnp.sum(module(x, jnp.asarray(MASK)) ** 2)
+
+  grads, input_grad = nnx.grad(loss, argnums=(0, 1))(block, x)
+  assert np.all(np.isfinite(input_grad))
+  for leaf in jax.tree.leaves(nnx.state(grads, nnx.Param)):
+    assert np.all(np.isfinite(leaf))
+
+
+def test_masked_training_empty_batch_finite():
+  block = _randomised()
+  block.train()
+  x = jax.random.normal(jax.random.key(10), (2, 4, 5, 64))
+  y = block(x, jnp.zeros((2, 4, 5, 1), bool))
+  assert np.all(np.asarray(y) == 0.0)
+  assert np.all(np.isfinite(block.bn1.mean[...]))
+  assert np.all(np.isfinite(block.bn1.var[...]))

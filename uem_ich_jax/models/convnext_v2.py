@@ -16,6 +16,7 @@ from flax import nnx
 
 from uem_ich_jax.errors import InputError
 from uem_ich_jax.models import layers
+from uem_ich_jax.models import sparse
 from uem_ich_jax.models.coord_attention import CoordinateAttention
 from uem_ich_jax.models.heads import ClassificationHead
 
@@ -108,10 +109,23 @@ class Block(nnx.Module):
     self.fc2 = layers.linear(4 * channels, channels, dtype=dtype, rngs=rngs)
     self.drop_path = layers.drop_path(drop_path_rate, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.norm(self.conv_dw(x))
-    y = self.grn(layers.gelu(self.fc1(y)))
-    y = self.fc2(y)
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Apply the block. With a float (N, H, W, 1) `mask`, masked positions stay 0.
+
+    Under a mask, `x` must already be 0 at masked positions. The depthwise conv
+    then treats masked neighbours as zeros (a submanifold sparse conv). LayerNorm,
+    the Linears and GELU act per position, so the bias values they leave at
+    masked positions never reach visible ones. GRN masks its own statistics.
+    """
+    if mask is None:
+      y = self.norm(self.conv_dw(x))
+      y = self.grn(layers.gelu(self.fc1(y)))
+      y = self.fc2(y)
+      return x + self.drop_path(y).astype(x.dtype)
+
+    y = layers.zero_masked(self.conv_dw(x), mask)
+    y = self.grn(layers.gelu(self.fc1(self.norm(y))), mask)
+    y = layers.zero_masked(self.fc2(y), mask)
     return x + self.drop_path(y).astype(x.dtype)
 
 
@@ -138,11 +152,19 @@ class Stage(nnx.Module):
       self.downsample_conv = None
     self.blocks = nnx.List([Block(out_channels, rate, dtype=dtype, rngs=rngs) for rate in drop_path_rates])
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Apply the stage, with `mask` the float (N, H, W, 1) visible map at the output stride or None.
+
+    The 2x2 downsampling windows never straddle a mask cell, so a dense conv
+    followed by zeroing masked outputs equals a sparse conv, even though
+    LayerNorm's bias makes masked inputs non-zero.
+    """
     if self.downsample_conv is not None:
       x = self.downsample_conv(self.downsample_norm(x))
+      if mask is not None:
+        x = layers.zero_masked(x, mask)
     for block in self.blocks:
-      x = block(x)
+      x = block(x, mask)
     return x
 
 
@@ -151,7 +173,9 @@ class ConvNeXtV2(nnx.Module):
 
   Input: NHWC images, H and W multiples of 32. `features(x)` returns the four
   stage maps at strides 4, 8, 16 and 32 in the compute dtype, after coordinate
-  attention where it is configured. `__call__(x)` returns float32 logits.
+  attention where it is configured. `features(x, visible)` runs the encoder as
+  SparK's sparse encoder on the visible 32x32 cells only. `__call__(x)` returns
+  float32 logits and is dense only.
 
   The model starts in evaluation mode (no drop path or dropout, BatchNorm uses
   running statistics); call `model.train()` before training and `model.eval()`
@@ -221,17 +245,49 @@ class ConvNeXtV2(nnx.Module):
           f"got {height}x{width}; pad or resize the input"
       )
 
-  def features(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    """Return the four NHWC stage maps at strides 4, 8, 16 and 32."""
+  def _check_visible(self, x: jax.Array, visible: jax.Array) -> None:
+    batch, height, width, _ = x.shape
+    expected = (batch, height // TOTAL_STRIDE, width // TOTAL_STRIDE)
+    if tuple(visible.shape) != expected:
+      raise InputError(
+          f"the visible mask must have shape (N, H/{TOTAL_STRIDE}, W/{TOTAL_STRIDE}) = {expected} "
+          f"for images of shape {tuple(x.shape)}, got {tuple(visible.shape)}"
+      )
+
+  def features(self, x: jax.Array, visible: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    """Return the four NHWC stage maps at strides 4, 8, 16 and 32.
+
+    Args:
+      x: (N, H, W, C) images.
+      visible: None for the dense encoder, or a bool (or 0/1) mask
+        (N, H/32, W/32) with True where a 32x32 cell is visible. The input is
+        zeroed under masked cells, every layer keeps masked positions at 0, and
+        all four maps are exactly 0 there. Visible outputs do not depend on the
+        pixels under the mask, even NaN or inf ones, because masking selects
+        zeros instead of multiplying.
+    """
     self._check_input(x)
-    x = self.stem_norm(self.stem_conv(x.astype(self.config.dtype)))
+    dtype = self.config.dtype
+    masks = None
+    if visible is not None:
+      self._check_visible(x, visible)
+      masks = sparse.mask_pyramid(visible)
+
+    x = x.astype(dtype)
+    if masks is None:
+      x = self.stem_norm(self.stem_conv(x))
+    else:
+      x = layers.zero_masked(x, masks[1])
+      x = layers.zero_masked(self.stem_norm(self.stem_conv(x)), masks[4])
+
     inside = self.config.coordinate_attention_placement == "inside"
     outputs = []
     for index, stage in enumerate(self.stages):
-      x = stage(x)
+      mask = None if masks is None else masks[4 * 2**index]
+      x = stage(x, mask)
       key = str(index)
       if key in self.coordinate_attention:
-        attended = self.coordinate_attention[key](x)
+        attended = self.coordinate_attention[key](x, mask)
         outputs.append(attended)
         if inside:
           x = attended

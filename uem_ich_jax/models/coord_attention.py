@@ -31,6 +31,11 @@ class CoordinateAttention(nnx.Module):
 
   Pooling, BatchNorm and the sigmoids are computed in float32; the 1x1 convs and
   the output use `dtype`.
+
+  With a visible `mask` (SparK masking), each strip mean averages the visible
+  positions of its row or column only (0 when none is visible), and training
+  BatchNorm statistics cover only strips with at least one visible position.
+  Masked positions of `x` are zeroed first, so they stay 0 in the output.
   """
 
   def __init__(
@@ -63,17 +68,32 @@ class CoordinateAttention(nnx.Module):
     self.conv_h = layers.linear(hidden, channels, dtype=dtype, rngs=rngs)
     self.conv_w = layers.linear(hidden, channels, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Reweight `x` (N, H, W, C), with `mask` None or the (N, H, W, 1) visible map (0/1 or bool)."""
     height = x.shape[1]
     x32 = x.astype(jnp.float32)
-    # TODO: no visible-position mask yet. Under SparK masking the strip means and
-    # BatchNorm statistics count masked (zeroed) positions, which dilutes them.
-    pooled_h = jnp.mean(x32, axis=2)  # (N, H, C): one vector per row
-    pooled_w = jnp.mean(x32, axis=1)  # (N, W, C): one vector per column
+    if mask is None:
+      pooled_h = jnp.mean(x32, axis=2)  # (N, H, C): one vector per row
+      pooled_w = jnp.mean(x32, axis=1)  # (N, W, C): one vector per column
+      strip_visible = None
+    else:
+      x32 = layers.zero_masked(x32, mask)
+      visible = (mask > 0).astype(jnp.float32)
+      count_h = jnp.sum(visible, axis=2)  # (N, H, 1)
+      count_w = jnp.sum(visible, axis=1)  # (N, W, 1)
+      # A strip with no visible position has a zero sum, so dividing it by 1
+      # keeps its mean at 0 and its gradient finite.
+      pooled_h = jnp.sum(x32, axis=2) / jnp.maximum(count_h, 1.0)
+      pooled_w = jnp.sum(x32, axis=1) / jnp.maximum(count_w, 1.0)
+      strip_visible = jnp.concatenate([count_h, count_w], axis=1) > 0
+      # NOTE: a batch with no visible position at all would give BatchNorm an
+      # empty mask and NaN statistics. It then counts every strip, which only
+      # carry conv1's bias, so the running statistics stay finite.
+      strip_visible = strip_visible | ~jnp.any(strip_visible)
     strips = jnp.concatenate([pooled_h, pooled_w], axis=1).astype(self.dtype)
 
     hidden = self.conv1(strips)
-    hidden = jax.nn.silu(self.bn1(hidden.astype(jnp.float32)))
+    hidden = jax.nn.silu(self.bn1(hidden.astype(jnp.float32), mask=strip_visible))
     hidden = hidden.astype(self.dtype)
     hidden_h, hidden_w = hidden[:, :height], hidden[:, height:]
 

@@ -19,6 +19,15 @@ LAYER_NORM_EPSILON = 1e-6
 GRN_EPSILON = 1e-6
 
 
+def zero_masked(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Set `x` to exactly 0 wherever `mask` is 0, keeping the values elsewhere.
+
+  `mask` is a (N, H, W, 1) map of 0 and 1 (or bool) that broadcasts over the
+  channels. A select, not a product, so inf or NaN under the mask also become 0.
+  """
+  return jnp.where(mask > 0, x, jnp.zeros((), x.dtype))
+
+
 def gelu(x: jax.Array) -> jax.Array:
   """Apply the exact (erf) GELU, as PyTorch's `nn.GELU()` does by default."""
   return jax.nn.gelu(x, approximate=False)
@@ -133,6 +142,11 @@ class GRN(nnx.Module):
   positive, so an all-zero channel (or image) gives G = 0 with a zero gradient
   instead of NaN; that equals PyTorch's norm backward at zero. The statistics and
   the output are computed in float32 and cast back to `dtype`.
+
+  With a `mask` (N, H, W, 1), masked positions are zeroed before the sums, so G
+  covers visible positions only. N is a ratio of such norms, so it needs no count
+  of visible positions. The output is zeroed at masked positions, where beta
+  would otherwise refill them.
   """
 
   def __init__(self, channels: int, *, dtype: jnp.dtype = jnp.float32):
@@ -140,14 +154,18 @@ class GRN(nnx.Module):
     self.beta = nnx.Param(jnp.zeros((channels,), jnp.float32))
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     x32 = x.astype(jnp.float32)
+    if mask is not None:
+      x32 = zero_masked(x32, mask)
     sum_of_squares = jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True)
     positive = sum_of_squares > 0
     safe_sum = jnp.where(positive, sum_of_squares, 1.0)
     norm = jnp.where(positive, jnp.sqrt(safe_sum), 0.0)
     ratio = norm / (jnp.mean(norm, axis=-1, keepdims=True) + GRN_EPSILON)
     y = self.gamma[...] * (x32 * ratio) + self.beta[...] + x32
+    if mask is not None:
+      y = zero_masked(y, mask)
     return y.astype(self.dtype)
 
 
