@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import pkgutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +60,10 @@ def load_source(name: str, *, split: str = "train", data_dir: str | None = None)
     builder = tfds.builder(name, data_dir=data_dir)
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as error:
     message = str(error).splitlines()[0]
-    raise DataPipelineError(f"cannot open dataset {name!r}: {message}") from error
+    raise DataPipelineError(
+        f"cannot open dataset {name!r}: {message} The builders of this version of uem-ich-jax"
+        f" are {project_builders()}."
+    ) from error
   if not builder.is_prepared():
     build_command = f"uem-ich build-dataset {dataset}"
     if config:
@@ -69,6 +73,13 @@ def load_source(name: str, *, split: str = "train", data_dir: str | None = None)
         f" build it first: {build_command} --data-dir={builder.data_dir_root}"
     )
   return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
+
+def project_builders() -> list[str]:
+  """Name the TFDS builders that ship with this project (the packages in `uem_ich_jax.datasets`)."""
+  import uem_ich_jax.datasets
+
+  return sorted(module.name for module in pkgutil.iter_modules(uem_ich_jax.datasets.__path__) if module.ispkg)
 
 
 def _metadata_fold_ranges(source: Any) -> list | None:

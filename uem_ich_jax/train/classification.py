@@ -145,7 +145,12 @@ def loss(
   }
 
 
-def eval_outputs(model: nnx.Module, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def eval_outputs(
+    model: nnx.Module,
+    batch: Mapping[str, jax.Array],
+    config: ml_collections.ConfigDict | None = None,
+) -> dict[str, jax.Array]:
+  del config  # Classification evaluation has no settings.
   logits = model(batch["image"]).astype(jnp.float32)
   return {"probabilities": jax.nn.sigmoid(logits), "labels": batch["labels"].astype(jnp.int32)}
 

@@ -48,7 +48,9 @@ class Stage(Protocol):
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Return the float32 scalar loss and the outputs `train_metrics` reads."""
 
-  def eval_outputs(self, model: nnx.Module, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  def eval_outputs(
+      self, model: nnx.Module, batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict
+  ) -> dict[str, jax.Array]:
     """Per-example arrays (leading axis = batch) that `evaluate` turns into metrics."""
 
   def evaluate(

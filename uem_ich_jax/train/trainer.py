@@ -236,7 +236,7 @@ def build(
 
   def eval_step(state, batch):
     model = eval_model(state)
-    outputs = stage.eval_outputs(model, batch)
+    outputs = stage.eval_outputs(model, batch, config)
     outputs["valid"] = batch["valid"]
     return outputs
 
@@ -306,6 +306,8 @@ def _source(config: ml_collections.ConfigDict):
     return pipeline.load_source(
         config.data.name, split=config.data.split, data_dir=config.data.data_dir or None
     )
+  except pipeline.DataPipelineError:
+    raise  # Its message already names the dataset and what to do.
   except Exception as error:  # TFDS raises many types for a missing or unbuilt dataset.
     raise InputError(
         f"cannot open dataset {config.data.name!r} in {config.data.data_dir or 'the TFDS default'}"
@@ -405,6 +407,16 @@ def _initialise(setup: Setup) -> Any:
   if checkpoint_lib.is_encoder_export(source_dir) or (source_dir / "arrays").is_dir():
     manifest, arrays = checkpoint_lib.read_encoder_export(source_dir)
     name = f"encoder export {source_dir} (step {manifest.get('step')})"
+    exported = manifest.get("model", {})
+    for field in ("name", "variant", "coordinate_attention_stages"):
+      mine, theirs = config.model.get(field), exported.get(field)
+      if theirs is not None and mine is not None and tuple(np.atleast_1d(mine)) != tuple(
+          np.atleast_1d(theirs)
+      ):
+        raise ConfigError(
+            f"{name} has model.{field} = {theirs!r} but this config has {mine!r}; set"
+            f" config.model.{field} to match the pretrained encoder"
+        )
     params, copied = stages.copy_encoder(
         state["params"], arrays["params"], head_prefix=config.optim.head_prefix, source_name=name
     )
