@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,39 +121,28 @@ def _split_levels(q: jax.Array, levels: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _soft_histogram(
-    q_1: jax.Array, q_2: jax.Array, pair_weight: jax.Array, levels: int
+    lower_1: jax.Array, lower_2: jax.Array, split_1: jax.Array, split_2: jax.Array, levels: int
 ) -> jax.Array:
-  """Sum the soft counts C[k, l] of the pairs, first pixel at level k, into (..., levels, levels).
+  """Sum the soft counts C[k, l] of the pairs, first pixel at level k, into (n, levels, levels).
 
-  With linear interpolation each pair touches at most four bins: (lower_1 + a,
-  lower_2 + b) for a, b in {0, 1}. A single segment sum collects the four
-  weights of each pair on the (levels - 1)^2 grid of lower-level pairs, and
-  shifted copies of the four grids add up to C. This costs O(pairs), where an
-  einsum of dense soft assignments costs O(pairs * levels^2) and measured
-  several times slower.
+  Takes the `_split_levels` lower levels (n, H', W') of both pixels of each
+  pair and their weighted splits (n, H', W', 2). With linear interpolation
+  each pair touches at most four bins: (lower_1 + a, lower_2 + b) for a, b in
+  {0, 1}. A single segment sum collects the four weights of each pair on the
+  (levels - 1)^2 grid of lower-level pairs, and shifted copies of the four
+  grids add up to C. This costs O(pairs), where an einsum of dense soft
+  assignments costs O(pairs * levels^2) and measured several times slower.
   """
-  lower_1, upper_1 = _split_levels(q_1, levels)
-  lower_2, upper_2 = _split_levels(q_2, levels)
-  leading = q_1.shape[:-2]
-  histograms = math.prod(leading)
+  count = lower_1.shape[0]
   cells = levels - 1
-  histogram_index = jnp.arange(histograms, dtype=jnp.int32).reshape(leading + (1, 1))
+  histogram_index = jnp.arange(count, dtype=jnp.int32).reshape(count, 1, 1)
   segment = (histogram_index * cells + lower_1) * cells + lower_2
-  lower_weight_1 = 1.0 - upper_1
-  lower_weight_2 = 1.0 - upper_2
-  corners = jnp.stack(
-      [
-          lower_weight_1 * lower_weight_2,
-          lower_weight_1 * upper_2,
-          upper_1 * lower_weight_2,
-          upper_1 * upper_2,
-      ],
-      axis=-1,
-  ) * pair_weight[..., None]
+  # corners[..., a, b] = split_1[..., a] * split_2[..., b], the pair weight times k_a(u_1) k_b(u_2).
+  corners = split_1[..., :, None] * split_2[..., None, :]
   grids = jax.ops.segment_sum(
-      corners.reshape(-1, 4), segment.reshape(-1), num_segments=histograms * cells * cells
-  ).reshape(leading + (cells, cells, 4))
-  keep = [(0, 0)] * len(leading)
+      corners.reshape(-1, 4), segment.reshape(-1), num_segments=count * cells * cells
+  ).reshape(count, cells, cells, 4)
+  keep = [(0, 0)]
   counts = jnp.pad(grids[..., 0], keep + [(0, 1), (0, 1)])
   counts += jnp.pad(grids[..., 1], keep + [(0, 1), (1, 0)])
   counts += jnp.pad(grids[..., 2], keep + [(1, 0), (0, 1)])
@@ -167,39 +156,397 @@ def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0), 0.0)
 
 
-def _pair_features(
-    q_1: jax.Array, q_2: jax.Array, pair_weight: jax.Array, levels: int
-) -> dict[str, jax.Array]:
-  """Compute the features of the weighted pairs (q_1, q_2), all (..., H, W), reducing over H and W."""
-  total = jnp.sum(pair_weight, axis=(-2, -1))
+# The weighted pair sums that `_pair_statistics` returns, in order. With pair
+# weight P = w_1 * w_2, shifted values s = q - shift and d = q_1 - q_2, they
+# are the sums over the pairs of P, P s_1, P s_2, P s_1^2, P s_2^2, P s_1 s_2,
+# P d^2, P |d| and P / (1 + d^2).
+PAIR_SUMS = (
+    "weight",
+    "first",
+    "second",
+    "first_squared",
+    "second_squared",
+    "product",
+    "contrast",
+    "dissimilarity",
+    "homogeneity",
+)
 
-  def expect(values: jax.Array) -> jax.Array:
-    return _safe_divide(jnp.sum(pair_weight * values, axis=(-2, -1)), total)
+Pads = tuple[tuple[int, int], tuple[int, int]]
 
-  difference = q_1 - q_2
-  features = {
-      "contrast": expect(difference**2),
-      "dissimilarity": expect(jnp.abs(difference)),
-      "homogeneity": expect(1.0 / (1.0 + difference**2)),
+
+def _offset_pairs(
+    array: jax.Array, row_step: int, col_step: int, trailing: int = 0
+) -> tuple[jax.Array, jax.Array, Pads, Pads]:
+  """Return the first and second pixels of the pairs of one offset, and the pads that undo each slice.
+
+  The image axes are the last two of `array`, or the two before its last
+  `trailing` axes.
+  """
+  height, width = array.shape[array.ndim - trailing - 2 : array.ndim - trailing]
+  rows_1, rows_2 = _pair_slices(height, row_step)
+  cols_1, cols_2 = _pair_slices(width, col_step)
+  rest = (slice(None),) * trailing
+
+  def pads(rows: slice, cols: slice) -> Pads:
+    return (rows.start, height - rows.stop), (cols.start, width - cols.stop)
+
+  return (
+      array[(Ellipsis, rows_1, cols_1) + rest],
+      array[(Ellipsis, rows_2, cols_2) + rest],
+      pads(rows_1, cols_1),
+      pads(rows_2, cols_2),
+  )
+
+
+def _pair_terms(shifted_1: jax.Array, shifted_2: jax.Array, pair_weight: jax.Array) -> list[jax.Array]:
+  """Return the per-pair summands of `PAIR_SUMS`, in that order."""
+  difference = shifted_1 - shifted_2
+  squared = difference * difference
+  return [
+      pair_weight,
+      pair_weight * shifted_1,
+      pair_weight * shifted_2,
+      pair_weight * shifted_1 * shifted_1,
+      pair_weight * shifted_2 * shifted_2,
+      pair_weight * shifted_1 * shifted_2,
+      pair_weight * squared,
+      pair_weight * jnp.abs(difference),
+      pair_weight / (1.0 + squared),
+  ]
+
+
+# Pixels per step of the loop over images: a step takes CHUNK_PIXELS // (H * W)
+# images, at least one. A step keeps a few arrays of (images, H, W) per offset,
+# so small steps stay in cache and reuse their memory. Without the loop, XLA's
+# temporary buffer at (24, 384, 384) reached 1.7 GB, and zeroing its fresh
+# pages took much of the time on a 2-core CPU.
+CHUNK_PIXELS = 1 << 17
+
+
+def _map_images(
+    function: Callable[[tuple[jax.Array, ...]], tuple[jax.Array, ...]],
+    arrays: Sequence[jax.Array],
+    height: int,
+    width: int,
+) -> tuple[jax.Array, ...]:
+  """Apply `function` to chunks of images, looping over chunks, and join the results.
+
+  The first array is (..., H, W), and every array starts with the same
+  leading shape (...). `function` maps a tuple of arrays with leading shape
+  (chunk,) to a tuple of such arrays. Images are independent, so chunking
+  changes no result.
+  """
+  leading = arrays[0].shape[:-2]
+  count = math.prod(leading)
+  flat = [array.reshape((count,) + array.shape[len(leading) :]) for array in arrays]
+  chunk = max(1, CHUNK_PIXELS // (height * width))
+  if count <= chunk:
+    results = function(tuple(flat))
+  else:
+    steps = -(-count // chunk)
+    padding = steps * chunk - count
+    # Padded images are all zero, weight included, so they stay finite and are dropped.
+    blocks = tuple(
+        jnp.pad(array, [(0, padding)] + [(0, 0)] * (array.ndim - 1)).reshape((steps, chunk) + array.shape[1:])
+        for array in flat
+    )
+    results = jax.lax.map(function, blocks)
+    results = tuple(result.reshape((steps * chunk,) + result.shape[2:])[:count] for result in results)
+  return tuple(result.reshape(leading + result.shape[1:]) for result in results)
+
+
+def _image_statistics(
+    q: jax.Array,
+    shift: jax.Array,
+    weight: jax.Array,
+    pixel_offsets: tuple[tuple[int, int], ...],
+    levels: int,
+) -> tuple[jax.Array, jax.Array]:
+  """Compute `_pair_statistics` of (n, H, W) images, without the loop over images."""
+  shifted = q - shift
+  zero = jnp.zeros((), q.dtype)
+  axes = (q.ndim - 2, q.ndim - 1)
+  # Split every pixel once, not once per offset and pair role.
+  lower, upper = _split_levels(q, levels)
+  upper_weight = weight * upper
+  split = jnp.stack([weight - upper_weight, upper_weight], axis=-1)
+  sums, counts = [], []
+  for row_step, col_step in pixel_offsets:
+    shifted_1, shifted_2, _, _ = _offset_pairs(shifted, row_step, col_step)
+    weight_1, weight_2, _, _ = _offset_pairs(weight, row_step, col_step)
+    terms = _pair_terms(shifted_1, shifted_2, weight_1 * weight_2)
+    # One variadic reduction reads each pair once for all nine sums. Nine
+    # jnp.sum calls measured 8 times slower on a 2-core CPU.
+    offset_sums = jax.lax.reduce(
+        terms, [zero] * len(terms), lambda left, right: [a + b for a, b in zip(left, right)], axes
+    )
+    sums.append(jnp.stack(offset_sums, axis=-1))
+    lower_1, lower_2, _, _ = _offset_pairs(lower, row_step, col_step)
+    split_1, split_2, _, _ = _offset_pairs(split, row_step, col_step, trailing=1)
+    counts.append(_soft_histogram(lower_1, lower_2, split_1, split_2, levels))
+  return jnp.stack(sums, axis=-2), jnp.stack(counts, axis=-3)
+
+
+# A custom VJP, because autodiff keeps several (..., H, W) arrays per offset
+# alive for the backward pass and makes about twenty passes over memory per
+# offset. Here the backward pass recomputes what it needs from q and the
+# weights in elementwise loops that XLA fuses.
+# TODO: the speed-up was measured on a 2-core CPU only (jax 0.10.2), not on
+# an accelerator, where the scatter, the gathers and the loop over images may
+# cost differently.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _pair_statistics(
+    q: jax.Array,
+    shift: jax.Array,
+    weight: jax.Array,
+    pixel_offsets: tuple[tuple[int, int], ...],
+    levels: int,
+) -> tuple[jax.Array, jax.Array]:
+  """Compute the pair sums and soft histograms of each offset of (..., H, W) images.
+
+  Args:
+    q: (..., H, W) values in level units.
+    shift: (..., 1, 1) subtracted from q in the pair sums (not in the
+      histograms), so that the raw moments stay small.
+    weight: (..., H, W) pixel weights. A pair weighs the product of its two.
+    pixel_offsets: (row, column) offsets.
+    levels: number of histogram levels.
+
+  Returns:
+    `PAIR_SUMS` as (..., len(pixel_offsets), 9) and the soft histograms C[k, l]
+    of the pairs with first pixel at level k, (..., len(pixel_offsets), levels, levels).
+  """
+  return _map_images(
+      lambda arrays: _image_statistics(*arrays, pixel_offsets, levels), (q, shift, weight), *q.shape[-2:]
+  )
+
+
+def _pair_statistics_forward(
+    q: jax.Array,
+    shift: jax.Array,
+    weight: jax.Array,
+    pixel_offsets: tuple[tuple[int, int], ...],
+    levels: int,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
+  sums, counts = _pair_statistics(q, shift, weight, pixel_offsets, levels)
+  return (sums, counts), (q, shift, weight, sums)
+
+
+def _clip_slope(q: jax.Array, levels: int) -> jax.Array:
+  """Return the derivative of clip(q, 0, levels - 1) as JAX defines it: 1 inside, 1/2 at either bound, 0 outside."""
+  inside = jnp.where((q > 0) & (q < levels - 1), 1.0, 0.0)
+  return jnp.where((q == 0) | (q == levels - 1), 0.5, inside).astype(q.dtype)
+
+
+def _corner_values(table: jax.Array, lower_1: jax.Array, lower_2: jax.Array) -> jax.Array:
+  """Look up the (n, levels, levels) `table` at the four bins of each pair.
+
+  Returns (n, H', W', 4) with table[i, lower_1 + a, lower_2 + b] at index
+  2 a + b, for the lower levels (n, H', W') of the pairs of image i.
+  """
+  count = lower_1.shape[0]
+  # corners[i, k, l] contains the four bins of a pair whose lower levels are (k, l).
+  corners = jnp.stack(
+      [table[:, :-1, :-1], table[:, :-1, 1:], table[:, 1:, :-1], table[:, 1:, 1:]], axis=-1
+  )
+  cells = corners.shape[1]
+  image_index = jnp.arange(count, dtype=jnp.int32).reshape(count, 1, 1)
+  index = (image_index * cells + lower_1) * cells + lower_2
+  return corners.reshape(-1, 4).at[index].get(mode="promise_in_bounds")
+
+
+def _pair_gradients(
+    first: dict[str, jax.Array],
+    second: dict[str, jax.Array],
+    sums_cotangent: jax.Array,
+    counts_cotangent: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Differentiate the terms of the pairs (first, second) of one offset by hand.
+
+  `first` and `second` hold the per-pixel arrays of `_pixel_arrays`, (n, H',
+  W') each, for the two pixels of every pair. `sums_cotangent` is (n, 9) and
+  `counts_cotangent` (n, levels, levels). Returns the cotangents of q at the
+  first and the second pixel, then those of the weight, all (n, H', W'). The
+  derivatives of |d| and of the clip at its bounds follow JAX's conventions,
+  so the gradients equal those of autodiff through the same sums.
+  """
+  pair_weight = first["weight"] * second["weight"]
+  shifted_1, shifted_2 = first["shifted"], second["shifted"]
+
+  # Pair sums: g[k] is the cotangent of PAIR_SUMS[k].
+  g = [sums_cotangent[:, k, None, None] for k in range(len(PAIR_SUMS))]
+  difference = shifted_1 - shifted_2
+  squared = difference * difference
+  reciprocal = 1.0 / (1.0 + squared)
+  # JAX differentiates |d| as 1 at d = 0.
+  sign = jnp.where(difference >= 0, 1.0, -1.0).astype(difference.dtype)
+  # The derivative of the difference terms with respect to s_1, and minus that with respect to s_2.
+  difference_slope = 2.0 * g[6] * difference + g[7] * sign - 2.0 * g[8] * difference * reciprocal * reciprocal
+  sums_slope_1 = g[1] + 2.0 * g[3] * shifted_1 + g[5] * shifted_2 + difference_slope
+  sums_slope_2 = g[2] + 2.0 * g[4] * shifted_2 + g[5] * shifted_1 - difference_slope
+  sums_value = (
+      g[0]
+      + g[1] * shifted_1
+      + g[2] * shifted_2
+      + g[3] * shifted_1 * shifted_1
+      + g[4] * shifted_2 * shifted_2
+      + g[5] * shifted_1 * shifted_2
+      + g[6] * squared
+      + g[7] * jnp.abs(difference)
+      + g[8] * reciprocal
+  )
+
+  # Soft histogram: the pair adds P * k_a(u_1) * k_b(u_2) to C[lower_1 + a, lower_2 + b],
+  # with k_0(u) = 1 - u and k_1(u) = u.
+  upper_1, upper_2 = first["upper"], second["upper"]
+  corners = _corner_values(counts_cotangent, first["lower"], second["lower"])
+  corner_00, corner_01, corner_10, corner_11 = (corners[..., k] for k in range(4))
+  lower_mix_2 = corner_00 + upper_2 * (corner_01 - corner_00)
+  upper_mix_2 = corner_10 + upper_2 * (corner_11 - corner_10)
+  histogram_value = lower_mix_2 + upper_1 * (upper_mix_2 - lower_mix_2)
+  histogram_slope_1 = (upper_mix_2 - lower_mix_2) * first["clip_slope"]
+  lower_mix_1 = corner_00 + upper_1 * (corner_10 - corner_00)
+  upper_mix_1 = corner_01 + upper_1 * (corner_11 - corner_01)
+  histogram_slope_2 = (upper_mix_1 - lower_mix_1) * second["clip_slope"]
+
+  value = sums_value + histogram_value
+  return (
+      pair_weight * (sums_slope_1 + histogram_slope_1),
+      pair_weight * (sums_slope_2 + histogram_slope_2),
+      second["weight"] * value,
+      first["weight"] * value,
+  )
+
+
+def _pixel_arrays(q: jax.Array, shift: jax.Array, weight: jax.Array, levels: int) -> dict[str, jax.Array]:
+  """Compute once per pixel what the backward pass reads for every offset."""
+  lower, upper = _split_levels(q, levels)
+  return {
+      "shifted": q - shift,
+      "weight": weight,
+      "lower": lower,
+      "upper": upper,
+      "clip_slope": _clip_slope(q, levels),
   }
 
+
+def _image_statistics_gradient(
+    q: jax.Array,
+    shift: jax.Array,
+    weight: jax.Array,
+    sums_cotangent: jax.Array,
+    counts_cotangent: jax.Array,
+    pixel_offsets: tuple[tuple[int, int], ...],
+    levels: int,
+) -> tuple[jax.Array, jax.Array]:
+  """Return the cotangents of q and weight for `_pair_statistics` of (n, H, W) images.
+
+  A loop over offsets, not an unrolled one, keeps the arrays of a single
+  offset alive at a time. Unrolled, XLA computed the lookups of all offsets
+  first, and on (1, 384, 384) with 12 offsets they outgrew a 32 MB cache and
+  ran 3 times slower than 8 offsets.
+
+  The loop needs the same shapes for every offset, so the pairs are (p, p +
+  offset) for every pixel p of the image. The image is padded with weight 0
+  for the second pixels, so a pair that leaves the image has weight 0 and
+  adds nothing, as if it were not counted.
+  """
+  height, width = q.shape[-2:]
+  row_steps = [row_step for row_step, _ in pixel_offsets]
+  col_steps = [col_step for _, col_step in pixel_offsets]
+  top, bottom = max(0, -min(row_steps)), max(0, max(row_steps))
+  left, right = max(0, -min(col_steps)), max(0, max(col_steps))
+  first = _pixel_arrays(q, shift, weight, levels)
+  padded = {
+      name: jnp.pad(array, [(0, 0), (top, bottom), (left, right)]) for name, array in first.items()
+  }
+  starts = jnp.array([(top + row_step, left + col_step) for row_step, col_step in pixel_offsets], jnp.int32)
+
+  def add_offset(carry, inputs):
+    q_first, q_second, weight_first, weight_second = carry
+    start, sums_cotangent_offset, counts_cotangent_offset = inputs
+    # All indices int32, so that this also traces with 64-bit types enabled.
+    window = (jnp.zeros((), jnp.int32), start[0], start[1])
+    second = {
+        name: jax.lax.dynamic_slice(array, window, q.shape) for name, array in padded.items()
+    }
+    q_1, q_2, weight_1, weight_2 = _pair_gradients(first, second, sums_cotangent_offset, counts_cotangent_offset)
+
+    def add_window(accumulator: jax.Array, values: jax.Array) -> jax.Array:
+      return jax.lax.dynamic_update_slice(
+          accumulator, jax.lax.dynamic_slice(accumulator, window, q.shape) + values, window
+      )
+
+    carry = (q_first + q_1, add_window(q_second, q_2), weight_first + weight_1, add_window(weight_second, weight_2))
+    return carry, None
+
+  zeros = jnp.zeros_like(q)
+  padded_zeros = jnp.zeros_like(padded["shifted"])
+  (q_first, q_second, weight_first, weight_second), _ = jax.lax.scan(
+      add_offset,
+      (zeros, padded_zeros, zeros.astype(weight.dtype), padded_zeros.astype(weight.dtype)),
+      (starts, jnp.moveaxis(sums_cotangent, 1, 0), jnp.moveaxis(counts_cotangent, 1, 0)),
+  )
+  crop = (Ellipsis, slice(top, top + height), slice(left, left + width))
+  return q_first + q_second[crop], weight_first + weight_second[crop]
+
+
+def _pair_statistics_backward(
+    pixel_offsets: tuple[tuple[int, int], ...],
+    levels: int,
+    residuals: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    cotangents: tuple[jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  q, shift, weight, sums = residuals
+  sums_cotangent, counts_cotangent = cotangents
+  q_gradient, weight_gradient = _map_images(
+      lambda arrays: _image_statistics_gradient(*arrays, pixel_offsets, levels),
+      (q, shift, weight, sums_cotangent, counts_cotangent),
+      *q.shape[-2:],
+  )
+  # The shifted pair sums move with the shift as d/d(shift) of sum P s_1 = -sum P,
+  # of sum P s_1^2 = -2 sum P s_1 and of sum P s_1 s_2 = -sum P (s_1 + s_2), so
+  # their own values give the shift's cotangent. The difference terms do not move.
+  g = [sums_cotangent[..., k] for k in range(len(PAIR_SUMS))]
+  total, first, second = sums[..., 0], sums[..., 1], sums[..., 2]
+  shift_gradient = -jnp.sum(
+      (g[1] + g[2]) * total + 2.0 * g[3] * first + 2.0 * g[4] * second + g[5] * (first + second), axis=-1
+  )
+  return q_gradient, shift_gradient.reshape(shift.shape), weight_gradient
+
+
+_pair_statistics.defvjp(_pair_statistics_forward, _pair_statistics_backward)
+
+
+def _moment_features(sums: jax.Array) -> dict[str, jax.Array]:
+  """Compute contrast, dissimilarity, homogeneity and correlation from (..., 9) `PAIR_SUMS`.
+
+  The moments are raw, so q should be shifted near its mean first, or the
+  variance loses float32 digits to cancellation.
+  """
+  total = sums[..., 0]
+
+  def expect(index: int) -> jax.Array:
+    return _safe_divide(sums[..., index], total)
+
+  features = {"contrast": expect(6), "dissimilarity": expect(7), "homogeneity": expect(8)}
   # Both orders of each pair count, so the marginal is the mix of q_1 and q_2.
-  mean = 0.5 * (expect(q_1) + expect(q_2))
-  centred_1 = q_1 - mean[..., None, None]
-  centred_2 = q_2 - mean[..., None, None]
-  variance = 0.5 * (expect(centred_1**2) + expect(centred_2**2))
-  covariance = expect(centred_1 * centred_2)
+  mean = 0.5 * (expect(1) + expect(2))
+  variance = 0.5 * (expect(3) + expect(4)) - mean**2
+  covariance = expect(5) - mean**2
   flat = variance < CORRELATION_VARIANCE_FLOOR
   features["correlation"] = jnp.where(flat, 1.0, covariance / jnp.where(flat, 1.0, variance))
+  return features
 
+
+def _histogram_features(counts: jax.Array, total: jax.Array) -> dict[str, jax.Array]:
+  """Compute ASM and energy from the (..., levels, levels) counts C of pairs of total weight `total`."""
   # C[k, l] counts one order of each pair, so the symmetric histogram is (C + C^T) / (2 N).
-  counts = _soft_histogram(q_1, q_2, pair_weight, levels)
   symmetric = counts + jnp.swapaxes(counts, -1, -2)
   histogram = _safe_divide(symmetric, 2.0 * total[..., None, None])
   asm = jnp.sum(histogram**2, axis=(-2, -1))
-  features["ASM"] = asm
-  features["energy"] = jnp.where(asm > 0, jnp.sqrt(jnp.where(asm > 0, asm, 1.0)), 0.0)
-  return features
+  return {"ASM": asm, "energy": jnp.where(asm > 0, jnp.sqrt(jnp.where(asm > 0, asm, 1.0)), 0.0)}
 
 
 def glcm_features(
@@ -262,29 +609,21 @@ def _glcm_features(
 ) -> dict[str, jax.Array]:
   lo, hi = value_range
   q = (image - lo) * ((levels - 1) / (hi - lo))
-  height, width = q.shape[-2:]
-  per_offset = []
-  # Static slices keep only the pairs whose two pixels are inside the image.
-  # The loop is unrolled because a lax.map over offsets, though faster to
-  # compile, ran its backward pass about twice as slow on (8, 3, 384, 384).
-  # TODO: compile time grows with the offset count. On a loaded 2-core CPU
-  # forward plus backward of 12 offsets took about 5 s to compile even for 8x8
-  # images, which slows cold test runs. It was not measured on an accelerator.
-  for row_step, col_step in pixel_offsets:
-    rows_1, rows_2 = _pair_slices(height, row_step)
-    cols_1, cols_2 = _pair_slices(width, col_step)
-    q_1 = q[..., rows_1, cols_1]
-    q_2 = q[..., rows_2, cols_2]
-    if weight is None:
-      pair_weight = jnp.ones_like(q_1)
-    else:
-      pair_weight = weight[..., rows_1, cols_1] * weight[..., rows_2, cols_2]
-    per_offset.append(_pair_features(q_1, q_2, pair_weight, levels))
+  if weight is None:
+    weight = jnp.ones_like(q)
+  # The moments are raw sums, so they are taken of q minus each image's
+  # weighted mean: no feature depends on a constant shift, and a small |q|
+  # keeps the float32 variance from cancelling. The shift is a constant for
+  # the gradient, which is exact because the features do not change with it.
+  weight_total = jnp.sum(weight, axis=(-2, -1), keepdims=True)
+  shift = jax.lax.stop_gradient(_safe_divide(jnp.sum(weight * q, axis=(-2, -1), keepdims=True), weight_total))
+  # TODO: the forward pass unrolls the offsets, so its compile time grows with
+  # the offset count. It was not measured on an accelerator.
+  sums, counts = _pair_statistics(q, shift, weight, pixel_offsets, levels)
+  features = _moment_features(sums)
+  features.update(_histogram_features(counts, sums[..., 0]))
   grid = image.shape[:-2] + offset_grid
-  return {
-      name: jnp.stack([features[name] for features in per_offset], axis=-1).reshape(grid)
-      for name in FEATURE_NAMES
-  }
+  return {name: features[name].reshape(grid) for name in FEATURE_NAMES}
 
 
 def texture_distance(
@@ -331,22 +670,30 @@ def texture_distance(
           f"region shape {region.shape} is invalid, expected {prediction.shape[:3]} or"
           f" {prediction.shape[:3] + (1,)}"
       )
-    channel_region = jnp.concatenate([region, region])[:, None]
+    channel_region = region[:, None]
 
-  # One call on both batches, channels first, so each (image, channel) is one GLCM input.
-  both = jnp.transpose(jnp.concatenate([prediction, target]), (0, 3, 1, 2))
-  features = glcm_features(
-      both, distances, angles, levels, value_range=value_range, region=channel_region
-  )
-  scaled = jnp.stack(
-      [
-          features["contrast"] / (levels - 1) ** 2,
-          features["dissimilarity"] / (levels - 1),
-          features["homogeneity"],
-          features["correlation"],
-          features["energy"],
-      ],
-      axis=-1,
-  )
-  squared = (scaled[:batch] - scaled[batch:]) ** 2
+  def scaled_features(images: jax.Array) -> jax.Array:
+    # Channels first, so each (image, channel) is one GLCM input.
+    features = glcm_features(
+        jnp.transpose(images, (0, 3, 1, 2)),
+        distances,
+        angles,
+        levels,
+        value_range=value_range,
+        region=channel_region,
+    )
+    return jnp.stack(
+        [
+            features["contrast"] / (levels - 1) ** 2,
+            features["dissimilarity"] / (levels - 1),
+            features["homogeneity"],
+            features["correlation"],
+            features["energy"],
+        ],
+        axis=-1,
+    )
+
+  # Two calls, because one call on both batches would differentiate the
+  # target's features too and then drop that gradient.
+  squared = (scaled_features(prediction) - scaled_features(target)) ** 2
   return jnp.mean(squared.reshape(batch, -1), axis=-1)
