@@ -80,8 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.best_mode = "min"
 
   if variant == "rsna":
-    # TODO: the RSNA 2019 builder does not exist yet; until it does, training
-    # stops at the start with "cannot open dataset 'rsna_ich/slices'".
+    # TODO: the RSNA 2019 builder does not exist yet. Until it does, training
+    # stops at the start with an error that names the missing dataset and the
+    # builders that exist.
     config.data.name = "rsna_ich/slices"
     config.model.dtype = "bfloat16"
     config.model.decoder_width = 512
