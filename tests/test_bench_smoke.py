@@ -65,3 +65,24 @@ def test_bench_rejects_size_off_stride(capsys):
     bench.main(["--size", "48"])
   assert error.value.code == 2
   assert "multiple of 32" in capsys.readouterr().err
+
+
+SSL_SCRIPT = SCRIPT.with_name("bench_ssl_step.py")
+
+
+@pytest.mark.slow  # compiles the SSL step twice, about 60 s on a 2-core CPU with a cold cache
+def test_ssl_bench_json_line(capsys):
+  spec = importlib.util.spec_from_file_location("bench_ssl_step", SSL_SCRIPT)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  status = bench.main(
+      ["--size", "64", "--batch", "2", "--decoder-width", "32", "--steps", "1", "--warmup", "0"]
+  )
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert status == 0
+  assert result["size"] == 64
+  assert result["seconds_with_glcm"] > 0
+  assert result["seconds_without_glcm"] > 0
+  assert result["glcm_share"] == pytest.approx(
+      1 - result["seconds_without_glcm"] / result["seconds_with_glcm"]
+  )

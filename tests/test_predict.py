@@ -1,6 +1,7 @@
 """`uem-ich predict`: model input rule, thresholds, report and overview on a tiny trained run."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from uem_ich_jax import cli, phantom, quickstart
 from uem_ich_jax.ct import CTReadError, CTVolume, uint8_to_model_input, windows_uint8
 from uem_ich_jax.ct.volume import AIR_HU
 from uem_ich_jax.infer import overview, predict
-from uem_ich_jax.train import checkpoint, trainer
+from uem_ich_jax.train import checkpoint, config_file, trainer
 
 GE_SERIES = "ge_head_tilt_variable_spacing"
 
@@ -191,3 +192,10 @@ def test_overview_rejects_mismatched_slices():
   with pytest.raises(overview.OverviewError, match="same slices"):
     overview.render_overview(np.zeros((3, 8, 8)), np.zeros((2, 6)), {"any": 0.5})
 
+
+
+def test_predict_rejects_a_pretraining_run(tmp_path):
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ssl_pretrain.py"
+  checkpoint.save_config(tmp_path / "ssl", config_file.load(f"{path}:smoke", []))
+  with pytest.raises(predict.PredictError, match="'ssl_pretrain' run; predict needs a classification"):
+    predict.predict(tmp_path / "ssl", tmp_path, tmp_path / "out")

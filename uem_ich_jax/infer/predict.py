@@ -291,6 +291,12 @@ def predict(
 
   checkpoint_dir = pathlib.Path(checkpoint_dir)
   output_dir = pathlib.Path(output_dir)
+  stage = checkpoint.load_config(checkpoint_dir).stage
+  if stage != "classification":
+    raise PredictError(
+        f"{checkpoint_dir} is a {stage!r} run; predict needs a classification run (a pretrained"
+        " encoder is used by training a classifier from it with config.init_from)"
+    )
   volume = read_scan(input_path, series_uid=series_uid)
   step = resolve_step(checkpoint_dir, step)
   model, config = checkpoint.restore_model(checkpoint_dir, step)
