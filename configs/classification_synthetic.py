@@ -12,8 +12,8 @@ Build the data, then train and evaluate:
     uem-ich train --config=configs/classification_synthetic.py:smoke \
         --workdir=/tmp/cls_smoke --config.data.data_dir=/tmp/tfds
 
-rsna and physionet variants start from the same base with their own data and
-fold fields.
+To start from a pretrained encoder (configs/ssl_pretrain.py), add
+`--config.init_from=SSL_WORKDIR/export/encoder`.
 """
 
 import importlib.util

@@ -452,3 +452,10 @@ def test_image_chunks_match_one_call(monkeypatch):
     glcm._glcm_features.clear_cache()
   np.testing.assert_allclose(chunked_value, whole_value, rtol=1e-6)
   np.testing.assert_allclose(chunked_gradient, whole_gradient, rtol=1e-5, atol=1e-7)
+
+
+def test_empty_image_and_numpy_levels():
+  with pytest.raises(InputError, match="H, W >= 1"):
+    glcm.glcm_features(jnp.zeros((0, 0)))
+  features = glcm.glcm_features(jnp.zeros((4, 4)), (1,), (0,), np.int64(8))
+  assert features["energy"].shape == (1, 1)

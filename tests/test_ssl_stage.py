@@ -229,3 +229,34 @@ def test_write_images_limits_rows(model, tmp_path):
   ssl.write_images(model, images, path, _config(norm_pix_loss=False))
   with Image.open(path) as picture:
     assert picture.size == (4 * 64, ssl.HEADER_HEIGHT + ssl.MAX_IMAGE_ROWS * 64)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("mask_ratio", 0.0, "mask_ratio must be a number in"),
+        ("mask_ratio", 1.0, "mask_ratio must be a number in"),
+        ("glcm_weight", -0.1, "glcm_weight must be a finite number"),
+        ("glcm_levels", 1, "glcm_levels must be an integer of at least 2"),
+        ("glcm_distances", (), "glcm_distances must be positive"),
+        ("glcm_distances", (0,), "glcm_distances must be positive"),
+        ("glcm_angles", (), "glcm_angles must be finite"),
+    ],
+)
+def test_check_config_names_the_bad_field(field, value, message):
+  with pytest.raises(InputError, match=message):
+    ssl.check_config(_config(**{field: value}))
+
+
+def test_check_config_accepts_the_defaults():
+  ssl.check_config(_config())
+  # With the texture term off its settings are not read.
+  ssl.check_config(_config(glcm_weight=0.0, glcm_levels=1))
+
+
+@pytest.mark.parametrize(
+    ("size", "message"), [((32, 32), "single 32x32 cell"), ((48, 64), "positive multiples of 32")]
+)
+def test_draw_visible_rejects_unusable_sizes(stub, size, message):
+  with pytest.raises(InputError, match=message):
+    stub.draw_visible(jnp.zeros((1, *size, 3)), 0.75)

@@ -263,3 +263,39 @@ def test_patient_subset_keeps_whole_patients(data_dir):
   assert pipeline.patient_subset(source, indices, 1.0) is indices
   with pytest.raises(pipeline.DataPipelineError, match=r"in \(0, 1\]"):
     pipeline.patient_subset(source, indices, 0.0)
+
+
+def test_init_from_accepts_a_relative_export_path(request, data_dir, tmp_path, monkeypatch):
+  config = _config(request, data_dir)
+  arrays = _encoder_arrays(jax.jit(trainer.build(config).init_state)())
+  checkpoint.export_encoder(tmp_path / "run" / "export", arrays, {"step": 1})
+  monkeypatch.chdir(tmp_path)
+  config.init_from = "run/export"
+  state = trainer._initialise(trainer.build(config))
+  np.testing.assert_array_equal(
+      state["params"]["encoder_conv1"]["kernel"], arrays["params"]["encoder_conv1"]["kernel"]
+  )
+
+
+def test_init_from_rejects_a_file(request, data_dir, tmp_path):
+  (tmp_path / "weights.npz").write_bytes(b"")
+  config = _config(request, data_dir, init_from=str(tmp_path / "weights.npz"))
+  with pytest.raises(InputError, match="is a file; expected a run's work directory"):
+    trainer._initialise(trainer.build(config))
+
+
+@pytest.mark.slow  # uses the smoke run
+def test_run_manager_ranks_by_the_runs_best_mode(smoke_run, tmp_path):
+  workdir = smoke_run[0]
+  config = checkpoint.load_config(workdir)
+  manager = checkpoint.run_manager(workdir)
+  steps = manager.all_steps()
+  values = {step: manager.metrics(step)[config.best_metric] for step in steps}
+  manager.close()
+  # The same run read as "lower is better" must pick the other end.
+  config.best_mode = "min" if config.best_mode == "max" else "max"
+  flipped = checkpoint.run_manager(workdir, config)
+  best = flipped.best_step()
+  flipped.close()
+  chooser = min if config.best_mode == "min" else max
+  assert values[best] == chooser(values.values())

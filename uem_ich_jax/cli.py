@@ -60,7 +60,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _export_encoder(args: argparse.Namespace) -> int:
   from uem_ich_jax.train import trainer
 
-  path = trainer.export_encoder(args.workdir, step=args.step)
+  path = trainer.export_encoder(args.workdir, step=args.step, output=args.output)
   print(path)
   return 0
 
@@ -149,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
   export.add_argument("--workdir", required=True, help="work directory of a pretraining run")
   export.add_argument(
       "--step", type=int, default=None, help="checkpoint step; the best checkpoint when omitted"
+  )
+  export.add_argument(
+      "--output", default=None, help="export folder; default WORKDIR/export/encoder (replaced)"
   )
   export.set_defaults(run=_export_encoder)
 

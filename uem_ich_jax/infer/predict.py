@@ -169,8 +169,7 @@ def resolve_step(workdir: str | os.PathLike, step: int | None) -> int:
   """`step` if the run saved it, else the run's best checkpoint."""
   from uem_ich_jax.train import checkpoint
 
-  config = checkpoint.load_config(workdir)
-  manager = checkpoint.CheckpointManager(workdir, best_metric=config.best_metric, read_only=True)
+  manager = checkpoint.run_manager(workdir)
   try:
     return checkpoint.resolve_step(manager, step, workdir=workdir)
   finally:

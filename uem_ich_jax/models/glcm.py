@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import jax
@@ -92,9 +93,9 @@ def _check_offsets(distances: Sequence[int], angles: Sequence[float]) -> None:
 
 
 def _check_arguments(image: jax.Array, levels: int, value_range: tuple[float, float]) -> None:
-  if image.ndim < 2:
-    raise InputError(f"image shape {image.shape} is invalid, expected (..., H, W)")
-  if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+  if image.ndim < 2 or 0 in image.shape[-2:]:
+    raise InputError(f"image shape {image.shape} is invalid, expected (..., H, W) with H, W >= 1")
+  if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 2:
     raise InputError(f"levels {levels!r} is invalid, expected an integer of at least 2")
   lo, hi = value_range
   if not hi > lo:
@@ -580,6 +581,7 @@ def glcm_features(
   if not jnp.issubdtype(image.dtype, jnp.floating):
     image = image.astype(jnp.float32)
   _check_arguments(image, levels, value_range)
+  levels = int(levels)
   weight = None
   if region is not None:
     region = jnp.asarray(region)

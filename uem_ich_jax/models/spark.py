@@ -258,9 +258,20 @@ class SparK(nnx.Module):
     if images.ndim != 4:
       raise InputError(f"SparK expects NHWC images of rank 4, got shape {tuple(images.shape)}")
     batch, height, width, _ = images.shape
+    if height % PATCH or width % PATCH or height == 0 or width == 0:
+      raise InputError(
+          f"SparK needs images whose height and width are positive multiples of {PATCH}, got"
+          f" {height}x{width}; pad or resize the input"
+      )
     grid = (height // PATCH, width // PATCH)
     num_cells = grid[0] * grid[1]
-    if num_cells and sparse.keep_count(num_cells, mask_ratio) == num_cells:
+    if num_cells < 2:
+      raise InputError(
+          f"images of {height}x{width} have a single {PATCH}x{PATCH} cell, and one cell always"
+          f" stays visible, so nothing is left to reconstruct; use images of at least"
+          f" {2 * PATCH}x{PATCH}"
+      )
+    if sparse.keep_count(num_cells, mask_ratio) == num_cells:
       raise InputError(
           f"images of {height}x{width} have {num_cells} cells of {PATCH}x{PATCH}, and mask_ratio"
           f" {mask_ratio} keeps all of them visible, so nothing is left to reconstruct; use"

@@ -219,6 +219,21 @@ class CheckpointManager:
     self._manager.close()
 
 
+def run_manager(
+    workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None
+) -> CheckpointManager:
+  """Open the checkpoints of a finished or running run read-only, ranked as the run ranks them.
+
+  The best metric and its direction come from the run's config (`config`, or
+  `workdir/config.json`; a folder without one ranks by step only).
+  """
+  if config is None and (pathlib.Path(workdir) / CONFIG_FILE).is_file():
+    config = load_config(workdir)
+  best_metric = config.get("best_metric", "") if config is not None else ""
+  best_mode = config.get("best_mode", "max") if config is not None else "max"
+  return CheckpointManager(workdir, best_metric=best_metric, best_mode=best_mode, read_only=True)
+
+
 def resolve_step(manager: CheckpointManager, step: int | None, *, workdir: Any) -> int:
   """`step` if it was saved, else the best step; a CheckpointError names the choices."""
   steps = manager.all_steps()
@@ -242,7 +257,7 @@ def restore_model(workdir: str | os.PathLike, step: int | None = None):
   from uem_ich_jax.train import stages
 
   config = load_config(workdir)
-  manager = CheckpointManager(workdir, best_metric=config.best_metric, read_only=True)
+  manager = run_manager(workdir, config)
   step = resolve_step(manager, step, workdir=workdir)
   arrays = manager.restore_arrays(step)
   manager.close()
@@ -289,7 +304,8 @@ def export_encoder(
 
 def read_encoder_export(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """Read an `export_encoder` directory: (manifest, {"params": ..., "extra": ...}) as numpy."""
-  directory = pathlib.Path(directory)
+  # Orbax needs an absolute path.
+  directory = pathlib.Path(directory).absolute()
   manifest_path = directory / ENCODER_MANIFEST
   if not manifest_path.is_file():
     raise CheckpointError(
@@ -305,6 +321,8 @@ def read_encoder_export(directory: str | os.PathLike) -> tuple[dict[str, Any], d
   checkpointer = ocp.StandardCheckpointer()
   try:
     metadata = checkpointer.metadata(directory / "arrays").item_metadata
+    if metadata is None:
+      raise ValueError("the array metadata is missing")
     target = jax.tree.map(
         lambda leaf: np.empty(leaf.shape, leaf.dtype),
         dict(metadata),

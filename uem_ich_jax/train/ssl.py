@@ -59,6 +59,31 @@ def ssl_setting(config: ml_collections.ConfigDict | None, name: str) -> Any:
   return section.get(name, SSL_DEFAULTS[name])
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Reject `config.ssl` values that cannot train, before anything is compiled."""
+  ratio = ssl_setting(config, "mask_ratio")
+  if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+    raise InputError(f"config.ssl.mask_ratio must be a number in (0, 1), got {ratio!r}")
+  weight = ssl_setting(config, "glcm_weight")
+  if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
+    raise InputError(f"config.ssl.glcm_weight must be a finite number >= 0, got {weight!r}")
+  if weight == 0:
+    return
+  levels = ssl_setting(config, "glcm_levels")
+  if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+    raise InputError(f"config.ssl.glcm_levels must be an integer of at least 2, got {levels!r}")
+  distances = tuple(np.atleast_1d(ssl_setting(config, "glcm_distances")).tolist())
+  if not distances or any(not isinstance(d, int) or d < 1 for d in distances):
+    raise InputError(
+        f"config.ssl.glcm_distances must be positive integer pixel distances, got {distances!r}"
+    )
+  angles = tuple(np.atleast_1d(ssl_setting(config, "glcm_angles")).tolist())
+  if not angles or any(
+      not isinstance(a, (int, float)) or not np.isfinite(a) for a in angles
+  ):
+    raise InputError(f"config.ssl.glcm_angles must be finite angles in degrees, got {angles!r}")
+
+
 def build_model(model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
   """Build the SparK model that `config.model` names, in evaluation mode.
 
@@ -280,6 +305,7 @@ class _SSLStage:
   eval_outputs = staticmethod(eval_outputs)
   evaluate = staticmethod(evaluate)
   write_images = staticmethod(write_images)
+  check_config = staticmethod(check_config)
 
 
 STAGE = _SSLStage()

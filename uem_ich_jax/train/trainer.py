@@ -150,6 +150,8 @@ def build(
   replicated = mesh_lib.replicated(mesh)
   folds = split_folds(config.data)
   stage = stages.get_stage(config.stage)
+  if hasattr(stage, "check_config"):
+    stage.check_config(config)
 
   # -------------------------------------------------- Model and optimizer ---
   # Nothing is allocated here: the model exists only as shapes until the
@@ -400,9 +402,14 @@ def _initialise(setup: Setup) -> Any:
         f"config.init_from is empty; set it to {RANDOM_INIT!r} to start from random weights, or to"
         " a run's work directory or an encoder export (WORKDIR/export/encoder)"
     )
-  source_dir = pathlib.Path(init_from)
+  source_dir = pathlib.Path(init_from).absolute()
   if not source_dir.exists():
     raise checkpoint_lib.CheckpointError(f"config.init_from {init_from} does not exist")
+  if not source_dir.is_dir():
+    raise checkpoint_lib.CheckpointError(
+        f"config.init_from {init_from} is a file; expected a run's work directory or an encoder"
+        " export folder (WORKDIR/export/encoder)"
+    )
 
   if checkpoint_lib.is_encoder_export(source_dir) or (source_dir / "arrays").is_dir():
     manifest, arrays = checkpoint_lib.read_encoder_export(source_dir)
@@ -426,10 +433,7 @@ def _initialise(setup: Setup) -> Any:
           extra, arrays.get("extra", {}), head_prefix=config.optim.head_prefix, source_name=name
       )
   else:
-    best_metric = ""
-    if (source_dir / checkpoint_lib.CONFIG_FILE).is_file():
-      best_metric = checkpoint_lib.load_config(source_dir).get("best_metric", "")
-    manager = checkpoint_lib.CheckpointManager(source_dir, best_metric=best_metric, read_only=True)
+    manager = checkpoint_lib.run_manager(source_dir)
     step = checkpoint_lib.resolve_step(
         manager, None if config.init_from_step < 0 else config.init_from_step, workdir=source_dir
     )
@@ -464,9 +468,15 @@ def _initialise(setup: Setup) -> Any:
 
 
 def _export(
-    config: ml_collections.ConfigDict, state: Any, workdir: pathlib.Path
+    config: ml_collections.ConfigDict,
+    state: Any,
+    workdir: pathlib.Path,
+    output: pathlib.Path | None = None,
 ) -> pathlib.Path | None:
-  """Export the encoder of a stage that has one (`stage.encoder_path`) to WORKDIR/export/encoder."""
+  """Export the encoder of a stage that has one (`stage.encoder_path`).
+
+  The export goes to `output`, by default WORKDIR/export/encoder.
+  """
   path = getattr(stages.get_stage(config.stage), "encoder_path", None)
   if path is None:
     return None
@@ -477,28 +487,38 @@ def _export(
       "model": config.model.to_dict(),
   }
   arrays = {"params": state["params"][path], "extra": state["extra"].get(path, {})}
-  return checkpoint_lib.export_encoder(
-      pathlib.Path(workdir) / checkpoint_lib.ENCODER_EXPORT_DIR, arrays, manifest
-  )
+  output = output or pathlib.Path(workdir) / checkpoint_lib.ENCODER_EXPORT_DIR
+  return checkpoint_lib.export_encoder(output, arrays, manifest)
 
 
-def export_encoder(workdir: str | os.PathLike, *, step: int | None = None) -> pathlib.Path:
+def export_encoder(
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    output: str | os.PathLike | None = None,
+) -> pathlib.Path:
   """Export the encoder of checkpoint `step` (default: the best) of a pretraining run.
 
-  Training exports the last step by itself; this exports any other saved one.
+  Training exports its last step to WORKDIR/export/encoder by itself; this
+  exports any saved step, to `output` (default: that same folder, replaced).
   """
   config = checkpoint_lib.load_config(workdir)
   if getattr(stages.get_stage(config.stage), "encoder_path", None) is None:
-    raise InputError(f"{workdir} is a {config.stage!r} run, which has no encoder to export")
-  manager = checkpoint_lib.CheckpointManager(
-      workdir, best_metric=config.best_metric, best_mode=config.best_mode, read_only=True
-  )
+    pretraining = sorted(
+        name for name in stages.STAGE_MODULES
+        if getattr(stages.get_stage(name), "encoder_path", None) is not None
+    )
+    raise InputError(
+        f"{workdir} is a {config.stage!r} run; only runs of the stages {pretraining} export an"
+        " encoder"
+    )
+  manager = checkpoint_lib.run_manager(workdir, config)
   try:
     step = checkpoint_lib.resolve_step(manager, step, workdir=workdir)
     arrays = manager.restore_arrays(step)
   finally:
     manager.close()
-  return _export(config, arrays, pathlib.Path(workdir))
+  return _export(config, arrays, pathlib.Path(workdir), None if output is None else pathlib.Path(output))
 
 
 # ------------------------------------------------------------------ Loop ---
