@@ -60,7 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ssl.glcm_angles = (0, 45, 90, 135)  # degrees
   config.ssl.glcm_levels = 16  # bins of the soft joint histogram (energy)
 
-  # One learning rate for encoder and decoder.
+  # One learning rate for encoder and decoder. With head_prefix "decoder", the
+  # densify/ arrays (per-scale norms, mask tokens, projections) follow encoder_lr.
   config.optim.encoder_lr = 1e-3
   config.optim.head_lr = 1e-3
   config.optim.head_prefix = "decoder"
