@@ -145,7 +145,7 @@ def patient_subset(
 ) -> np.ndarray:
   """Keep the examples of a seeded random `fraction` of the patients among `indices`.
 
-  Patients are the distinct `patient_id`s of the examples; round(fraction x
+  Patients are the distinct `patient_id`s of the examples. round(fraction x
   count) of them are kept (at least one), drawn by a permutation seeded with
   `seed`, so the same seed keeps the same patients whatever the training seed.
   All examples of a kept patient stay, so that no patient is split. This is how
@@ -155,8 +155,8 @@ def patient_subset(
     raise DataPipelineError(f"the patient fraction must be in (0, 1], got {fraction}")
   if fraction == 1.0:
     return indices
-  # TODO: reading the ids decodes every example of the training folds once;
-  # builders could store the patient of each example in their metadata, as
+  # TODO: reading the ids decodes every example of the training folds once.
+  # Builders could store the patient of each example in their metadata, as
   # they do for folds.
   patients = np.asarray([_text(source[int(index)]["patient_id"]) for index in indices])
   if np.any(patients == ""):

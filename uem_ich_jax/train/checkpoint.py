@@ -282,9 +282,10 @@ def export_encoder(
 ) -> pathlib.Path:
   """Write an encoder's `params` and `extra` (BatchNorm statistics) to `directory`.
 
-  Every process must call this (Orbax writes sharded arrays collectively);
-  process 0 writes `encoder.json` from `manifest` after the arrays are
-  complete, so an interrupted export is never taken for a finished one.
+  Every process must call this, because Orbax writes sharded arrays
+  collectively. Process 0 writes `encoder.json` from `manifest` after the
+  arrays are complete, so an interrupted export is never taken for a
+  finished one.
   """
   directory = pathlib.Path(directory).absolute()
   manifest_path = directory / ENCODER_MANIFEST

@@ -130,10 +130,10 @@ def copy_encoder(
 ) -> tuple[Any, list[str]]:
   """Copy every array of an exported encoder into `target`, where the same path has it.
 
-  Strict both ways: an exported array that the model lacks, or has in another
-  shape, is an error (the export belongs to another architecture), and so is
-  a model array outside the head (`head_prefix`) that the export does not
-  hold, because it would start from random weights. Returns the new tree and
+  Strict both ways. An exported array that the model lacks, or has in another
+  shape, is an error: the export belongs to another architecture. A model
+  array outside the head (`head_prefix`) that the export does not hold is an
+  error too, because it would start from random weights. Returns the new tree and
   the copied paths.
   """
   source_flat = flatten(source)

@@ -335,7 +335,7 @@ def train_iterator(config: ml_collections.ConfigDict, source: Any, folds: Folds)
 
 
 def picture_images(config: ml_collections.ConfigDict, source: Any, folds: Folds) -> np.ndarray:
-  """The first validation images, the same on every process, for the pictures of a stage."""
+  """Return the first validation images, the same on every process, for a stage's pictures."""
   count = config.get("image_count", 8)
   dataset = pipeline.eval_dataset(
       source, folds=folds.validation, batch_size=count, shard_index=0, shard_count=1
@@ -385,7 +385,7 @@ RANDOM_INIT = "random"
 def _initialise(setup: Setup) -> Any:
   """Fresh state, built under jit straight into its shardings, then `init_from` unless random.
 
-  `config.init_from` must say where the weights come from: "random", a run's
+  `config.init_from` names where the weights come from: "random", a run's
   work directory (its checkpoint `init_from_step`, the arrays under
   `init_from_prefixes`), or an encoder export (a directory with encoder.json,
   such as WORKDIR/export/encoder of a pretraining run), which must cover the
