@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.augment = True
   config.data.worker_count = 0  # grain worker processes per host
   # Train on the examples of this fraction of the training patients (seeded
-  # by patient_seed, so every training seed sees the same patients).
+  # by patient_seed, so every training seed uses the same patients).
   config.data.patient_fraction = 1.0
   config.data.patient_seed = 0
 
@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.best_metric = "val_auc_macro"  # empty: keep only the latest
   config.best_mode = "max"
 
-  # Where the weights come from, said explicitly: "random", a run's work
+  # Where the weights come from, stated explicitly: "random", a run's work
   # directory, or an encoder export such as SSL_WORKDIR/export/encoder (which
   # must cover every array outside the head). A missing or mismatched source is
   # an error, never a silent random start.

@@ -204,7 +204,7 @@ def test_init_from_must_name_a_source(request, data_dir, tmp_path):
 
 
 def _encoder_arrays(state):
-  """Every parameter but the head, shifted so that a copy is told apart from a fresh draw."""
+  """Every parameter but the head, shifted so that a copy differs from a fresh draw."""
   params = jax.tree.map(lambda leaf: np.asarray(leaf) + 1.0, dict(state["params"]))
   params.pop("head")
   return {"params": params, "extra": {}}
