@@ -1,7 +1,7 @@
 """Self-supervised pretraining of the encoder: SparK sparse masking plus a GLCM texture loss.
 
-The encoder (ConvNeXt-V2 with coordinate attention) sees only the visible
-32x32 cells of each slice; a light UNet decoder reconstructs the masked cells.
+The encoder (ConvNeXt-V2 with coordinate attention) receives only the visible
+32x32 cells of each slice, and a light UNet decoder reconstructs the masked cells.
 The loss is the masked MSE plus `ssl.glcm_weight` times the distance between
 the GLCM texture features of reconstruction and input over the masked cells.
 No labels are read. At the end the encoder is written to WORKDIR/export/encoder,

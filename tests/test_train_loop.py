@@ -210,7 +210,7 @@ def _encoder_arrays(state):
   return {"params": params, "extra": {}}
 
 
-def test_init_from_encoder_export_copies_everything_but_the_head(request, data_dir, tmp_path):
+def test_init_from_export_keeps_fresh_head(request, data_dir, tmp_path):
   config = _config(request, data_dir)
   setup = trainer.build(config)
   fresh = jax.jit(setup.init_state)()

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from uem_ich_jax.errors import InputError
+from uem_ich_jax.models import layers
 
 # PyTorch's LayerNorm epsilon, which the upstream layers keep.
 LAYER_NORM_EPSILON = 1e-5
@@ -58,18 +59,6 @@ def positional_encoding(max_slices: int, height: int, width: int, dim: int) -> n
   # Stacking on a new last axis and flattening gives channel 6 k + term.
   encoding = np.stack(terms, axis=-1).reshape(max_slices, height, width, dim)
   return encoding.astype(np.float32)
-
-
-def _layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """Build a LayerNorm that matches PyTorch's (epsilon 1e-5, two-pass variance, float32)."""
-  return nnx.LayerNorm(
-      dim,
-      epsilon=LAYER_NORM_EPSILON,
-      use_fast_variance=False,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      rngs=rngs,
-  )
 
 
 class SelfAttention(nnx.Module):
@@ -132,8 +121,8 @@ class EncoderLayer(nnx.Module):
     self.linear2 = nnx.Linear(
         dim_feedforward, dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
     )
-    self.norm1 = _layer_norm(dim, rngs)
-    self.norm2 = _layer_norm(dim, rngs)
+    self.norm1 = layers.layer_norm(dim, epsilon=LAYER_NORM_EPSILON, rngs=rngs)
+    self.norm2 = layers.layer_norm(dim, epsilon=LAYER_NORM_EPSILON, rngs=rngs)
     # The same three dropout sites as PyTorch: after attention, inside the FFN, after the FFN.
     self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -190,7 +179,7 @@ class ScanAggregator(nnx.Module):
         )
         for _ in range(num_layers)
     ])
-    self.norm = _layer_norm(feature_dim, rngs)
+    self.norm = layers.layer_norm(feature_dim, epsilon=LAYER_NORM_EPSILON, rngs=rngs)
 
   def __call__(self, features: jax.Array, slice_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Return (pooled (B, C), spatial (B, S, h, w, C)) for `features` (B, S, h, w, C).

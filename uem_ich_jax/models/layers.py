@@ -54,6 +54,29 @@ def layer_norm(
   )
 
 
+def batch_norm(
+    features: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs
+) -> nnx.BatchNorm:
+  """Build a BatchNorm with PyTorch's defaults (momentum 0.1, epsilon 1e-5), in evaluation mode.
+
+  Flax's `momentum` is the decay, 1 minus PyTorch's. `.train()` switches it to
+  batch statistics.
+  """
+  # TODO: in training Flax updates the running variance with the biased batch
+  # variance and PyTorch with the unbiased one (larger by n / (n - 1), n the
+  # positions per channel), so statistics fine-tuned here drift from PyTorch's.
+  return nnx.BatchNorm(
+      features,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      use_fast_variance=False,
+      use_running_average=True,
+      rngs=rngs,
+  )
+
+
 def linear(
     in_features: int,
     out_features: int,

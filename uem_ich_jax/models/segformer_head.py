@@ -21,28 +21,8 @@ from uem_ich_jax.models.coord_attention import CoordinateAttention
 
 NUM_STAGES = 4
 
-# PyTorch BatchNorm2d defaults, which the upstream checkpoints were trained with.
-BATCH_NORM_EPSILON = 1e-5
-BATCH_NORM_MOMENTUM = 0.9  # Flax's decay, which is 1 minus PyTorch's momentum 0.1
-
 # Dropout2d between the two boundary refinement blocks.
 REFINE_DROPOUT = 0.1
-
-
-def _batch_norm(features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  """Build a float32 BatchNorm with PyTorch's epsilon, in evaluation mode until `.train()`."""
-  # TODO: in training Flax updates the running variance with the biased batch
-  # variance and PyTorch with the unbiased one, so fine-tuned statistics drift.
-  return nnx.BatchNorm(
-      features,
-      momentum=BATCH_NORM_MOMENTUM,
-      epsilon=BATCH_NORM_EPSILON,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      use_fast_variance=False,
-      use_running_average=True,
-      rngs=rngs,
-  )
 
 
 def _conv3x3(
@@ -103,7 +83,7 @@ class FusionConv(nnx.Module):
     self.dtype = dtype
     self.dwconv = _conv3x3(in_channels, in_channels, groups=in_channels, dtype=dtype, rngs=rngs)
     self.pwconv = layers.linear(in_channels, out_channels, dtype=dtype, rngs=rngs)
-    self.bn = _batch_norm(out_channels, rngs=rngs)
+    self.bn = layers.batch_norm(out_channels, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return _norm_gelu(self.bn, self.pwconv(self.dwconv(x)), self.dtype)
@@ -115,9 +95,9 @@ class BoundaryRefinement(nnx.Module):
   def __init__(self, channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
     self.dtype = dtype
     self.conv1 = _conv3x3(channels, channels, dtype=dtype, rngs=rngs)
-    self.bn1 = _batch_norm(channels, rngs=rngs)
+    self.bn1 = layers.batch_norm(channels, rngs=rngs)
     self.conv2 = _conv3x3(channels, channels, dtype=dtype, rngs=rngs)
-    self.bn2 = _batch_norm(channels, rngs=rngs)
+    self.bn2 = layers.batch_norm(channels, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     hidden = _norm_gelu(self.bn1, self.conv1(x), self.dtype)
@@ -173,7 +153,7 @@ class SegFormerHead(nnx.Module):
     self.dropout = nnx.Dropout(REFINE_DROPOUT, broadcast_dims=(1, 2), deterministic=True, rngs=rngs)
     self.boundary_refine2 = BoundaryRefinement(embed_dim, dtype=dtype, rngs=rngs)
     self.seg_conv = _conv3x3(embed_dim, embed_dim // 2, dtype=dtype, rngs=rngs)
-    self.seg_bn = _batch_norm(embed_dim // 2, rngs=rngs)
+    self.seg_bn = layers.batch_norm(embed_dim // 2, rngs=rngs)
     self.seg_classifier = layers.linear(embed_dim // 2, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(
@@ -282,6 +262,8 @@ def load_torch_state(head: SegFormerHead, state: Mapping[str, np.ndarray]) -> No
   written and one InputError lists the missing, unexpected and mis-shaped keys.
   """
   targets = parameter_map(head)
+  # TODO: this key and shape check repeats the one in convert.torch_weights and
+  # in aggregator.load_torch_state; one shared checker in convert should serve all three.
   provided = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
   missing = sorted(set(targets) - set(provided))
   unexpected = sorted(set(provided) - set(targets))

@@ -77,24 +77,6 @@ def _conv(
   )
 
 
-def _batch_norm(features: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  # PyTorch's BatchNorm2d defaults: momentum 0.1 (Flax 0.9), epsilon 1e-5.
-  # Built in evaluation mode, as every model of this project starts.
-  # NOTE: Flax updates the running variance with the biased batch variance and
-  # PyTorch with the unbiased one, which is larger by n / (n - 1), where n is
-  # batch * H * W of that layer. It matters only for tiny batches at stride 16.
-  return nnx.BatchNorm(
-      features,
-      momentum=0.9,
-      epsilon=1e-5,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      use_fast_variance=False,
-      use_running_average=True,
-      rngs=rngs,
-  )
-
-
 class Densify(nnx.Module):
   """Turn one sparse encoder map into a dense decoder input.
 
@@ -160,7 +142,7 @@ class UpBlock(nnx.Module):
     self.conv1 = _conv(
         channels, channels, 3, use_bias=False, kernel_init=layers.WEIGHT_INIT, dtype=dtype, rngs=rngs
     )
-    self.norm1 = _batch_norm(channels, dtype=dtype, rngs=rngs)
+    self.norm1 = layers.batch_norm(channels, dtype=dtype, rngs=rngs)
     self.conv2 = _conv(
         channels,
         channels // 2,
@@ -170,7 +152,7 @@ class UpBlock(nnx.Module):
         dtype=dtype,
         rngs=rngs,
     )
-    self.norm2 = _batch_norm(channels // 2, dtype=dtype, rngs=rngs)
+    self.norm2 = layers.batch_norm(channels // 2, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.upsample(x)

@@ -308,6 +308,7 @@ def read_encoder_export(directory: str | os.PathLike) -> tuple[dict[str, Any], d
   # Orbax needs an absolute path.
   directory = pathlib.Path(directory).absolute()
   manifest_path = directory / ENCODER_MANIFEST
+
   if not manifest_path.is_file():
     raise CheckpointError(
         f"{directory} is not an encoder export: {ENCODER_MANIFEST} is missing (an interrupted"
@@ -319,6 +320,7 @@ def read_encoder_export(directory: str | os.PathLike) -> tuple[dict[str, Any], d
     raise CheckpointError(f"{manifest_path} is not valid JSON: {error}") from error
   if not isinstance(manifest, dict) or manifest.get("format") != ENCODER_FORMAT:
     raise CheckpointError(f"{manifest_path} does not describe a {ENCODER_FORMAT} export")
+
   # TODO: when the array files are corrupt, Orbax's background tasks also print
   # asyncio tracebacks after this error; the error itself is still raised.
   checkpointer = ocp.StandardCheckpointer()

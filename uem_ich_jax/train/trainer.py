@@ -385,11 +385,12 @@ RANDOM_INIT = "random"
 def _initialise(setup: Setup) -> Any:
   """Fresh state, built under jit straight into its shardings, then `init_from` unless random.
 
-  `config.init_from` names where the weights come from: "random", a run's
-  work directory (its checkpoint `init_from_step`, the arrays under
-  `init_from_prefixes`), or an encoder export (a directory with encoder.json,
-  such as WORKDIR/export/encoder of a pretraining run), which must cover the
-  whole model except the head.
+  `config.init_from` names where the weights come from. It is "random", a
+  run's work directory, or an encoder export. From a work directory, the
+  arrays under `init_from_prefixes` of checkpoint `init_from_step` are copied.
+  An encoder export is a directory with encoder.json, such as
+  WORKDIR/export/encoder of a pretraining run, and must cover the whole model
+  except the head.
   """
   state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
   config = setup.config
