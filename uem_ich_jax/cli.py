@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pathlib
 import sys
 
 from uem_ich_jax.errors import InputError
@@ -48,12 +49,37 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
   from uem_ich_jax.train import trainer
 
+  if args.config is not None or args.folds is not None:
+    return _evaluate_folds(args)
   result = trainer.evaluate(args.workdir, step=args.step, output=args.output)
   # The headline of each stage's result; the full result is in the JSON file.
   keys = ("step", "folds", "n_test", "auc", "macro", "loss", "mse", "glcm")
   summary = {key: result[key] for key in keys if key in result}
   json.dump(summary, sys.stdout, indent=2)
   sys.stdout.write("\n")
+  return 0
+
+
+def _evaluate_folds(args: argparse.Namespace) -> int:
+  from uem_ich_jax.evaluate import kfold
+  from uem_ich_jax.train import config_file, trainer
+
+  if args.config is None or args.folds is None:
+    raise InputError("--folds and --config go together: `uem-ich evaluate --config=FILE.py"
+                     " --folds=K --workdir=OUT` trains and scores one run per fold")
+  for option in ("step", "output"):
+    if getattr(args, option) is not None:
+      raise InputError(f"--{option} applies to one run (`uem-ich evaluate --workdir=RUN`),"
+                       " not to a k-fold evaluation with --config and --folds")
+  config = config_file.load(args.config, args.overrides)
+  try:
+    kfold.run_kfold(config, args.workdir, folds=args.folds)
+  except trainer.NonFiniteLossError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  table = pathlib.Path(args.workdir) / kfold.MARKDOWN_FILE
+  if table.is_file():  # Only process 0 writes it.
+    sys.stdout.write(table.read_text())
   return 0
 
 
@@ -131,9 +157,30 @@ def _parser() -> argparse.ArgumentParser:
 
   evaluate = commands.add_parser(
       "evaluate",
-      help="score a trained run on its test fold, thresholds chosen on its validation fold",
+      help="score a trained run on its test fold, thresholds chosen on its validation fold;"
+      " with --config and --folds, train and score one run per fold",
+      epilog="With --config, each --config.KEY=VALUE (with the =) overrides that field of the"
+      " config. A k-fold evaluation writes kfold_results.md, kfold_results.csv,"
+      " kfold_summary.json, roc.png and calibration.png to --workdir, one run per fold in"
+      " WORKDIR/fold_<k>; rerunning it skips finished folds and resumes the others.",
   )
-  evaluate.add_argument("--workdir", required=True, help="work directory of a `uem-ich train` run")
+  evaluate.add_argument(
+      "--workdir",
+      required=True,
+      help="work directory of a `uem-ich train` run; with --folds, the folder for all fold runs",
+  )
+  evaluate.add_argument(
+      "--config",
+      default=None,
+      help="k-fold: experiment file and optional argument, FILE.py[:ARG]; needs --folds",
+  )
+  evaluate.add_argument(
+      "--folds",
+      type=int,
+      default=None,
+      help="k-fold: report test folds 0..K-1 (K at least 3, at most config.data.num_folds);"
+      " fold k is validated on fold k+1 (mod config.data.num_folds)",
+  )
   evaluate.add_argument(
       "--step", type=int, default=None, help="checkpoint step; the best checkpoint when omitted"
   )
@@ -204,8 +251,15 @@ def main(argv: list[str] | None = None) -> int:
   argv, overrides = _split_overrides(argv)
   args = _parser().parse_args(argv)
   args.overrides = overrides
-  if overrides and args.command != "train":
-    print(f"error: {overrides[0]}: config overrides apply to `uem-ich train` only", file=sys.stderr)
+  takes_overrides = args.command == "train" or (
+      args.command == "evaluate" and args.config is not None
+  )
+  if overrides and not takes_overrides:
+    print(
+        f"error: {overrides[0]}: config overrides apply to `uem-ich train` and"
+        " `uem-ich evaluate --config` only",
+        file=sys.stderr,
+    )
     return 2
   logging.basicConfig(
       level=logging.DEBUG if args.verbose else logging.INFO,

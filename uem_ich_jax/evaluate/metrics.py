@@ -566,3 +566,140 @@ def format_table(result: Mapping[str, Any]) -> str:
       note += f"; AUC undefined for {', '.join(auc['undefined_classes'])}"
     lines.append(note)
   return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# ROC curves and calibration
+# ---------------------------------------------------------------------------
+
+
+def roc_curve(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+  """Return the ROC curve of one binary problem, None without positives or negatives.
+
+  Returns `(fpr, tpr, thresholds)`, float64, one point per distinct score
+  (predict positive at or above the threshold), in order of decreasing
+  threshold, and starting at (0, 0) with threshold +inf. The trapezoidal
+  area under it equals `roc_auc`. Unlike `sklearn.metrics.roc_curve`, no
+  collinear point is dropped.
+  """
+  labels = _check_labels(labels, "labels")
+  scores = np.asarray(scores, dtype=np.float64)
+  if labels.shape != scores.shape or labels.ndim != 1:
+    raise MetricInputError(
+        f"labels and scores must be 1-D of one length, got {labels.shape} and {scores.shape}"
+    )
+  if not np.all(np.isfinite(scores)):
+    raise MetricInputError("scores must be finite")
+  num_positive = int(labels.sum())
+  num_negative = labels.size - num_positive
+  if num_positive == 0 or num_negative == 0:
+    return None
+  thresholds = np.unique(scores)[::-1]
+  true_positive, false_positive = _counts_at(labels, scores, thresholds)
+  fpr = np.concatenate([[0.0], false_positive / num_negative])
+  tpr = np.concatenate([[0.0], true_positive / num_positive])
+  return fpr, tpr, np.concatenate([[np.inf], thresholds])
+
+
+def reliability_bins(labels: Any, probabilities: Any, num_bins: int = 10) -> dict[str, np.ndarray]:
+  """Bin predictions into `num_bins` equal-width probability bins, the last one closed at 1.
+
+  Pass one class (1-D arrays) or several (n, k), which are pooled. Returns
+  `edges` (num_bins + 1,), and per bin `count`, `mean_probability` and
+  `observed_frequency` (the fraction of positives), both NaN for empty bins.
+  """
+  if num_bins < 1:
+    raise MetricInputError(f"num_bins must be at least 1, got {num_bins}")
+  labels, probabilities = _check_pair(labels, probabilities, matrix=True)
+  labels, probabilities = labels.ravel(), probabilities.ravel()
+  edges = np.linspace(0.0, 1.0, num_bins + 1)
+  # A probability of exactly 1 belongs to the last bin, not to a bin of its own.
+  index = np.minimum((probabilities * num_bins).astype(np.int64), num_bins - 1)
+  count = np.bincount(index, minlength=num_bins)
+  summed = np.bincount(index, weights=probabilities, minlength=num_bins)
+  positives = np.bincount(index, weights=labels.astype(np.float64), minlength=num_bins)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean_probability = np.where(count > 0, summed / count, np.nan)
+    observed_frequency = np.where(count > 0, positives / count, np.nan)
+  return {
+      "edges": edges,
+      "count": count,
+      "mean_probability": mean_probability,
+      "observed_frequency": observed_frequency,
+  }
+
+
+def expected_calibration_error(labels: Any, probabilities: Any, num_bins: int = 10) -> float:
+  """Return the expected calibration error over `reliability_bins`.
+
+  ECE = sum over bins of (bin count / n) * |observed frequency - mean
+  probability|, in [0, 1]. Several classes (n, k) are pooled.
+  """
+  bins = reliability_bins(labels, probabilities, num_bins)
+  filled = bins["count"] > 0
+  gaps = np.abs(bins["observed_frequency"][filled] - bins["mean_probability"][filled])
+  return float(np.sum(bins["count"][filled] * gaps) / np.sum(bins["count"]))
+
+
+# ---------------------------------------------------------------------------
+# Flat results and Markdown
+# ---------------------------------------------------------------------------
+
+
+def flatten_result(result: Mapping[str, Any], prefix: str = "") -> dict[str, float | int | None]:
+  """Map the numeric leaves of a nested result to "a/b/c" paths, in the result's order.
+
+  Flags become 0 or 1. None stays None (an undefined metric). Strings and
+  lists (names, undefined classes) are left out.
+  """
+  flat: dict[str, float | int | None] = {}
+  for key, value in result.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten_result(value, prefix=f"{path}/"))
+    elif isinstance(value, bool):
+      flat[path] = int(value)
+    elif value is None or isinstance(value, (int, float)):
+      flat[path] = value
+  return flat
+
+
+def format_summary_cell(value: Any, decimals: int = 3, num_folds: int | None = None) -> str:
+  """Format a number, or a `summarize_folds` leaf `{"mean", "std", "n"}` as "mean ± std".
+
+  "(n=...)" follows when `num_folds` is given and fewer folds define the value.
+  None and undefined means print as "n/a".
+  """
+  return _format_number(value, decimals=decimals, num_folds=num_folds)
+
+
+def format_markdown_table(summary: Mapping[str, Any]) -> str:
+  """Format a `summarize_folds` summary of classification results as a Markdown table.
+
+  One row per class and one for the macro means. Each cell is "mean ± std"
+  over the folds that define it (sample standard deviation), with "(n=...)"
+  when some folds could not define it.
+  """
+  num_folds = summary["n_folds"]
+  header = ("class", "AUC", "F1", "sensitivity", "specificity", "threshold", "positives")
+  rows = []
+  for name in summary["class_names"]:
+    entry = summary["classes"][name]
+    rows.append((
+        name,
+        *(format_summary_cell(entry[key], num_folds=num_folds)
+          for key in ("auc", "f1", "sensitivity", "specificity", "threshold")),
+        format_summary_cell(entry["n_positive"], decimals=1),
+    ))
+  macro = summary["macro"]
+  rows.append((
+      "macro",
+      format_summary_cell(summary["auc"]["macro"], num_folds=num_folds),
+      *(format_summary_cell(macro[key], num_folds=num_folds)
+        for key in ("f1", "sensitivity", "specificity")),
+      "",
+      "",
+  ))
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return "\n".join(lines)

@@ -681,7 +681,10 @@ def evaluate(
   Uses the checkpoint of `step` (the best one when None) and the folds of the
   run's config, because any other test fold was part of training. Writes
   the result to `output` (default `workdir/eval_step<step>_fold<test>.json`)
-  and returns it.
+  and returns it. Beside it, `predictions_step<step>_fold<test>.npz` stores
+  the test fold's per-example outputs of the stage (for classification
+  `probabilities` and `labels`), written before the JSON, so a result JSON
+  always has its predictions.
   """
   config = checkpoint_lib.load_config(workdir)
   mesh_lib.maybe_initialize_distributed(config.distributed)
@@ -714,6 +717,21 @@ def evaluate(
       output or pathlib.Path(workdir) / f"eval_step{step}_fold{setup.folds.test[0]}.json"
   )
   if jax.process_index() == 0:
-    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    logger.info("wrote %s", path)
+    predictions = path.with_name(f"predictions_step{step}_fold{setup.folds.test[0]}.npz")
+    # Arrays with more than two axes (masks, feature maps) are left out,
+    # because a test fold of them can take gigabytes.
+    kept = {key: value for key, value in test.items() if value.ndim <= 2}
+    if len(kept) < len(test):
+      left_out = sorted(set(test) - set(kept))
+      logger.info("%s leaves out %s (more than two axes)", predictions, left_out)
+    partial = predictions.with_name(predictions.name + ".partial")
+    with open(partial, "wb") as file:
+      np.savez_compressed(file, **kept)
+    os.replace(partial, predictions)
+    # Written under a temporary name and renamed, so a crash never leaves a
+    # partial JSON that `uem-ich evaluate --folds` would take as finished.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    os.replace(partial, path)
+    logger.info("wrote %s and %s", path, predictions.name)
   return result
