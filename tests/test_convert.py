@@ -273,10 +273,63 @@ def test_check_parity_script(upstream_dir, capsys):
   assert check_parity.main([str(upstream_dir), "--tolerance", "1e-12"]) == 1
 
 
-def test_check_parity_unsupported_kind(fixtures_dir, tmp_path, capsys):
+def _parity_lines(check_parity, folder: pathlib.Path, capsys) -> list[str]:
+  """Run check_parity.py on a folder, check its exit status and return its output lines."""
+  if not folder.is_dir():
+    pytest.skip(f"parity fixture not found at {folder}")
+  assert check_parity.main([str(folder)]) == 0
+  return capsys.readouterr().out.strip().splitlines()
+
+
+def _assert_parity_output(lines: list[str], names: list[str]) -> None:
+  assert [line.split()[0] for line in lines[:-1]] == names
+  for line in lines[:-1]:
+    assert float(line.split("=")[1]) < TOLERANCE, line
+  assert lines[-1].startswith("max_abs_diff=")
+  assert float(lines[-1].split("=")[1]) < TOLERANCE
+
+
+def test_check_parity_segformer_head(fixtures_dir, capsys):
   check_parity = _check_parity_module()
-  assert check_parity.main([str(fixtures_dir / "upstream_segformer_head")]) == 2
+  lines = _parity_lines(check_parity, fixtures_dir / "upstream_segformer_head", capsys)
+  _assert_parity_output(lines, ["main", "aux0", "aux1", "aux2", "aux3"])
+
+
+def test_check_parity_aggregator(fixtures_dir, capsys):
+  check_parity = _check_parity_module()
+  folder = fixtures_dir / "upstream_aggregator"
+  lines = _parity_lines(check_parity, folder, capsys)
+  _assert_parity_output(lines, ["pooled", "spatial"])
+  assert check_parity.main([str(folder), "--tolerance", "1e-12"]) == 1
+
+
+def test_check_parity_aggregator_masks_padded_slices(fixtures_dir, tmp_path, capsys):
+  # Garbage at the padded slices of the expected spatial output must not count.
+  folder = fixtures_dir / "upstream_aggregator"
+  if not folder.is_dir():
+    pytest.skip(f"parity fixture not found at {folder}")
+  for path in folder.iterdir():
+    (tmp_path / path.name).symlink_to(path)
+  spatial = np.load(folder / "expected_spatial.npy")
+  real = np.load(folder / "mask.npy") > 0
+  assert not real.all(), "the fixture should contain padded slices"
+  spatial[~real] = 1e3
+  (tmp_path / "expected_spatial.npy").unlink()
+  np.save(tmp_path / "expected_spatial.npy", spatial)
+  check_parity = _check_parity_module()
+  assert check_parity.main([str(tmp_path)]) == 0
+  spatial[real] += 1.0
+  np.save(tmp_path / "expected_spatial.npy", spatial)
+  assert check_parity.main([str(tmp_path)]) == 1
+  capsys.readouterr()
+
+
+def test_check_parity_unsupported_kind(tmp_path, capsys):
+  check_parity = _check_parity_module()
+  (tmp_path / "fixture.json").write_text(json.dumps({"kind": "upstream_fcos_head"}))
+  assert check_parity.main([str(tmp_path)]) == 2
   assert "not supported yet" in capsys.readouterr().err
+  (tmp_path / "fixture.json").unlink()
   assert check_parity.main([str(tmp_path)]) == 2
   assert "fixture.json" in capsys.readouterr().err
   (tmp_path / "fixture.json").write_text(json.dumps({"kind": "upstream_encoder", "variant": "atto"}))
