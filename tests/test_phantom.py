@@ -1,5 +1,6 @@
 """Tests of the synthetic head-CT generator: anatomy, bleeds, ground truth, writing, realism."""
 
+import hashlib
 import pathlib
 import shutil
 import subprocess
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from uem_ich_jax import MASK_CLASS_IDS, SLICE_LABELS, SUBTYPES
+from uem_ich_jax import CQ500_LABELS, MASK_CLASS_IDS, SLICE_LABELS, SUBTYPES
 from uem_ich_jax.ct.dicom import read_dicom_series
 from uem_ich_jax.ct.nifti import read_nifti, read_nifti_pair
+from uem_ich_jax.errors import InputError
 from uem_ich_jax.phantom import PhantomScan, generate_scan, write_dicom, write_nifti
 
 # A small grid with room for every subtype, so most tests stay fast.
@@ -389,3 +391,228 @@ def test_histogram_check_rejects_crude_phantom(real_head_statistics):
   assert any(f.startswith("csf") for f in failures)
   assert any(f.startswith("fat_and_soft_tissue") for f in failures)
   assert any(f.startswith("brain fraction") for f in failures)
+
+
+# Findings beyond the acute bleeds: CQ500 labels, midline shift, fractures and
+# chronic subdural collections.
+
+TINY = dict(shape=(10, 64, 64), spacing_mm=(12.0, 3.4, 3.4))
+# Digests of scans from the generator as it was before the new findings
+# (mask sha256, sum of HU in float64), for seeds that draw none of them.
+UNCHANGED_SCANS = {
+    0: ("1c868a0e59ec47e3", -18997225.612867832),
+    2: ("02b1c22346806178", -21046166.459649444),
+    3: ("02b1c22346806178", -21258389.102304846),
+    5: ("76587ebdf3b44c0a", -23227385.353379786),
+}
+
+
+@pytest.mark.parametrize("seed", sorted(UNCHANGED_SCANS))
+def test_scan_without_findings_is_unchanged(seed):
+  scan = generate_scan(seed, **TINY)
+  assert scan.midline_shift_mm == 0.0
+  assert scan.fracture == "none"
+  assert scan.chronic_ml == 0.0
+  mask_digest, hu_sum = UNCHANGED_SCANS[seed]
+  assert hashlib.sha256(scan.mask.tobytes()).hexdigest()[:16] == mask_digest
+  assert float(scan.volume.hu.astype(np.float64).sum()) == pytest.approx(hu_sum, rel=1e-9)
+  # Forcing the findings off changes nothing for these seeds.
+  forced = generate_scan(seed, chronic=False, fracture="none", midline_shift_mm=0.0, **TINY)
+  np.testing.assert_array_equal(forced.volume.hu, scan.volume.hu)
+
+
+def test_cq500_labels_follow_the_truth():
+  for seed in range(8):
+    scan = generate_scan(seed, **TINY)
+    labels = scan.scan_labels
+    assert set(CQ500_LABELS) <= set(labels)
+    assert labels["ICH"] == labels["any"]
+    assert labels["SDH"] == labels["subdural"]
+    assert labels["BleedLocation-Left"] == int(scan.bleed_side in ("left", "bilateral"))
+    assert labels["BleedLocation-Right"] == int(scan.bleed_side in ("right", "bilateral"))
+    assert labels["ChronicBleed"] == int(scan.chronic_ml > 0)
+    assert labels["Fracture"] == int(scan.fracture != "none")
+    assert labels["CalvarialFracture"] + labels["OtherFracture"] == labels["Fracture"]
+    assert labels["MassEffect"] == int(scan.midline_shift_mm >= 2.0)
+    assert labels["MidlineShift"] == int(scan.midline_shift_mm >= 5.0)
+    assert labels["Fracture"] == int(scan.fracture_mask.any())
+
+
+def test_cq500_label_frequencies():
+  # Each label is positive in some scans and absent in others. ICH and the
+  # side labels are common because 70% of drawn scans bleed, a share fixed
+  # before the CQ500 labels existed. The other labels stay within 5-50%.
+  num_scans = 40
+  counts = dict.fromkeys(CQ500_LABELS, 0)
+  for seed in range(num_scans):
+    scan = generate_scan(seed, (24, 128, 128), spacing_mm=(5.0, 1.8, 1.8))
+    for name in CQ500_LABELS:
+      counts[name] += scan.scan_labels[name]
+  shares = {name: count / num_scans for name, count in counts.items()}
+  for name in CQ500_LABELS:
+    assert 0.05 <= shares[name] <= 0.9, (name, shares)
+  for name in ("ChronicBleed", "Fracture", "CalvarialFracture", "OtherFracture", "MassEffect",
+               "MidlineShift", "IPH", "IVH", "SDH", "EDH", "SAH"):
+    assert shares[name] <= 0.5, (name, shares)
+
+
+def _septum_columns(hu_slice: np.ndarray) -> dict[int, float]:
+  """Per row, the centre column of the tissue strip between the two central CSF runs."""
+  columns = hu_slice.shape[1]
+  centre = columns // 2
+  found = {}
+  for row in range(hu_slice.shape[0]):
+    csf = (hu_slice[row] > -50) & (hu_slice[row] < 18)
+    window = csf[centre - 20 : centre + 20]
+    runs = np.flatnonzero(np.diff(window.astype(np.int8)))
+    # Exactly two CSF runs: off, on, off, on, off.
+    if runs.size != 4:
+      continue
+    found[row] = centre - 20 + (runs[1] + 1 + runs[2]) / 2
+  return found
+
+
+def test_midline_shift_moves_septum_by_recorded_mm():
+  shape, spacing = (16, 128, 128), (8.0, 1.8, 1.8)
+  straight = generate_scan(3, shape, spacing_mm=spacing, subtypes=(), noise_hu=0.0)
+  shifted = generate_scan(
+      3, shape, spacing_mm=spacing, subtypes=(), noise_hu=0.0, midline_shift_mm=8.0
+  )
+  assert shifted.midline_shift_mm == 8.0
+  assert shifted.scan_labels["MassEffect"] == shifted.scan_labels["MidlineShift"] == 1
+  moves = []
+  for k in range(shape[0]):
+    before = _septum_columns(straight.volume.hu[k])
+    after = _septum_columns(shifted.volume.hu[k])
+    moves += [after[row] - before[row] for row in before.keys() & after.keys()]
+  assert len(moves) >= 5, "no slice shows the septum between two ventricles"
+  moves_mm = np.array(moves) * spacing[2]
+  largest = moves_mm[np.argmax(np.abs(moves_mm))]
+  assert abs(abs(largest) - shifted.midline_shift_mm) <= spacing[2]
+  # Columns run to the patient's left, so a shift to the right lowers them.
+  assert np.sign(largest) == {"left": 1, "right": -1}[shifted.midline_shift_toward]
+  # The skull does not move.
+  bone = straight.volume.hu > 700
+  np.testing.assert_array_equal(shifted.volume.hu > 700, bone)
+
+
+def test_midline_shift_moves_away_from_the_mass():
+  for seed in (20, 21, 22):
+    scan = generate_scan(seed, subtypes=("subdural",), midline_shift_mm=6.0, **SMALL)
+    assert scan.bleed_side in ("left", "right")
+    assert scan.midline_shift_toward == {"left": "right", "right": "left"}[scan.bleed_side]
+
+
+def test_drawn_midline_shift_needs_mass():
+  for seed in range(12):
+    scan = generate_scan(seed, **TINY)
+    if scan.midline_shift_mm > 0:
+      assert max(scan.hematoma_ml[n] for n in ("epidural", "intraparenchymal", "subdural")) > 15
+      assert scan.midline_shift_toward in ("left", "right")
+    else:
+      assert scan.midline_shift_toward == "none"
+
+
+@pytest.mark.parametrize("kind", ["calvarial", "other"])
+def test_fracture_gap_is_soft_tissue_in_bone(kind):
+  for seed in (3, 4):
+    intact = generate_scan(seed, subtypes=(), noise_hu=0.0, fracture="none", **SMALL)
+    broken = generate_scan(seed, subtypes=(), noise_hu=0.0, fracture=kind, **SMALL)
+    gap = broken.fracture_mask
+    assert broken.fracture == kind
+    assert gap.any()
+    assert intact.volume.hu[gap].min() > 300.0, "the gap is not in bone"
+    hu = broken.volume.hu[gap]
+    assert hu.min() >= 25.0
+    assert hu.max() <= 55.0
+    # Outside the fracture's reach the scans agree.
+    far = ~ndimage.binary_dilation(gap, iterations=12)
+    np.testing.assert_array_equal(broken.volume.hu[far], intact.volume.hu[far])
+
+
+def test_calvarial_fracture_breaks_the_ring():
+  # On a slice of the fracture, soft tissue connects the brain to the scalp
+  # through the skull; the intact skull separates them.
+  def connected(hu_slice):
+    soft, _ = ndimage.label(hu_slice < 300, structure=np.ones((3, 3), bool))
+    centre = soft[hu_slice.shape[0] // 2, hu_slice.shape[1] // 2]
+    return centre > 0 and centre == soft[0, 0]
+
+  for seed in (3, 4, 5):
+    intact = generate_scan(seed, subtypes=(), noise_hu=0.0, fracture="none", **SMALL)
+    broken = generate_scan(seed, subtypes=(), noise_hu=0.0, fracture="calvarial", **SMALL)
+    slices = np.flatnonzero(broken.fracture_mask.any(axis=(1, 2)))
+    assert slices.size >= 2, "the fracture spans a single slice"
+    assert any(connected(broken.volume.hu[k]) for k in slices)
+    assert not any(connected(intact.volume.hu[k]) for k in slices)
+
+
+def test_chronic_subdural_is_hypodense_class_5():
+  scan = generate_scan(7, subtypes=(), noise_hu=0.0, chronic=True, **SMALL)
+  region = scan.mask > 0
+  assert region.any()
+  assert set(np.unique(scan.mask[region])) == {MASK_CLASS_IDS["subdural"]}
+  hu = scan.volume.hu[region]
+  assert hu.min() >= 0.0
+  assert hu.max() <= 25.0
+  voxel_ml = np.prod(scan.volume.spacing) / 1000
+  assert scan.chronic_ml == pytest.approx(region.sum() * voxel_ml)
+  assert scan.hematoma_ml["subdural"] == pytest.approx(scan.chronic_ml)
+  assert scan.scan_labels["ChronicBleed"] == scan.scan_labels["SDH"] == 1
+  assert scan.slice_labels[:, SLICE_LABELS.index("subdural")].any()
+  # Near the skull, on one side only.
+  near_bone = ndimage.binary_dilation(scan.volume.hu > 300, iterations=2)
+  assert (near_bone & region).any()
+  assert scan.bleed_side in ("left", "right")
+
+
+def test_acute_blood_over_chronic_counts_as_acute():
+  scan = generate_scan(7, subtypes=("subdural",), chronic=True, **SMALL)
+  assert scan.hematoma_ml["subdural"] >= scan.chronic_ml > 0.0
+  acute = generate_scan(7, subtypes=("subdural",), chronic=False, **SMALL)
+  assert (acute.mask[scan.mask == 0] == 0).all()
+
+
+def test_findings_are_deterministic():
+  first = generate_scan(7, **TINY)
+  second = generate_scan(7, **TINY)
+  np.testing.assert_array_equal(first.volume.hu, second.volume.hu)
+  np.testing.assert_array_equal(first.fracture_mask, second.fracture_mask)
+  assert first.scan_labels == second.scan_labels
+  assert first.midline_shift_mm == second.midline_shift_mm
+
+
+def test_forced_finding_errors():
+  with pytest.raises(InputError, match="chronic"):
+    generate_scan(0, chronic="yes", **TINY)
+  with pytest.raises(InputError, match="fracture"):
+    generate_scan(0, fracture="skull", **TINY)
+  with pytest.raises(InputError, match="fracture"):
+    generate_scan(0, fracture=True, **TINY)
+  for bad in (-1.0, 15.0, True, "5"):
+    with pytest.raises(InputError, match="midline_shift_mm"):
+      generate_scan(0, midline_shift_mm=bad, **TINY)
+  # A small field of view scales the head down, and the largest shift with it.
+  with pytest.raises(InputError, match="field of view"):
+    generate_scan(0, (10, 32, 32), spacing_mm=(12.0, 3.4, 3.4), midline_shift_mm=12.0)
+  # Four slices around the ventricles reach neither the skull base nor the face.
+  with pytest.raises(InputError, match="cannot place"):
+    generate_scan(0, (4, 64, 64), spacing_mm=(5.0, 3.4, 3.4), subtypes=(), fracture="other")
+
+
+def test_midline_shift_carries_ventricular_blood():
+  # Blood placed in the straight ventricles moves with them: the voxels it
+  # fills are CSF in the shifted normal head of the same seed (forced
+  # subtypes draw nothing, so the head is the same).
+  kw = dict(noise_hu=0.0, midline_shift_mm=10.0, **SMALL)
+  bleeding = generate_scan(22, subtypes=("intraventricular",), **kw)
+  normal = generate_scan(22, subtypes=(), **kw)
+  straight = generate_scan(22, subtypes=(), noise_hu=0.0, **SMALL)
+  blood = bleeding.mask > 0
+  assert blood.any()
+  # About 95% without a shift (the rest is partial volume at the walls);
+  # nearest-neighbour transport costs a few percent more.
+  assert np.mean(normal.volume.hu[blood] < 20.0) > 0.85
+  # The straight ventricles miss most of the moved blood.
+  assert np.mean(straight.volume.hu[blood] < 20.0) < 0.5
+  assert bleeding.volume.hu[blood].min() >= BLOOD_HU[0]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import uem_ich_jax
-from uem_ich_jax import cli
+from uem_ich_jax import cli, clinical
+from uem_ich_jax.ct.volume import CTVolume
 from uem_ich_jax.datasets import build
 from uem_ich_jax.datasets.synthetic_ich import (
     SyntheticIch,
@@ -58,6 +59,8 @@ def test_slices_feature_shapes_and_dtypes(slices):
   assert example["boxes"].dtype == np.float32
   assert example["box_classes"].shape == (example["boxes"].shape[0],)
   assert example["spacing"].shape == (3,)
+  assert example["affine"].shape == (4, 4)
+  assert example["affine"].dtype == np.float32
   assert isinstance(example["scan_id"], bytes)
   assert isinstance(example["patient_id"], bytes)
   assert 0 <= int(example["fold"]) < NUM_FOLDS
@@ -138,6 +141,45 @@ def test_scans_layout(scans):
     np.testing.assert_allclose(example["spacing"][0], 120.0 / NUM_SLICES, rtol=1e-6)
 
 
+def test_scans_cq500_labels_and_shift(scans):
+  names = uem_ich_jax.CQ500_LABELS
+  for index in range(len(scans)):
+    example = scans[index]
+    cq500 = dict(zip(names, example["cq500_labels"].tolist()))
+    assert example["cq500_labels"].shape == (14,)
+    assert example["cq500_labels"].dtype == np.uint8
+    labels = dict(zip(uem_ich_jax.SLICE_LABELS, example["labels"].tolist()))
+    assert cq500["ICH"] == labels["any"]
+    assert cq500["IPH"] == labels["intraparenchymal"]
+    assert cq500["SDH"] == labels["subdural"]
+    assert cq500["CalvarialFracture"] + cq500["OtherFracture"] == cq500["Fracture"]
+    shift = float(example["midline_shift_mm"])
+    assert cq500["MassEffect"] == int(shift >= 2.0)
+    assert cq500["MidlineShift"] == int(shift >= 5.0)
+    if cq500["ICH"] == 0:
+      assert cq500["BleedLocation-Left"] == cq500["BleedLocation-Right"] == 0
+
+
+def test_scans_affine_gives_hematoma_volume(scans):
+  # The stored affine is enough to compute volumes in real geometry.
+  for index in range(len(scans)):
+    example = scans[index]
+    affine = example["affine"].astype(np.float64)
+    num_slices = example["mask"].shape[0]
+    positions = (affine @ np.stack(
+        [np.arange(num_slices), np.zeros(num_slices), np.zeros(num_slices), np.ones(num_slices)]
+    ))[:3].T
+    volume = CTVolume(
+        hu=np.zeros(example["mask"].shape, np.float32),
+        positions=positions,
+        affine=affine,
+        spacing=tuple(float(s) for s in example["spacing"]),
+    )
+    volumes = clinical.hematoma_ml(example["mask"], volume)
+    expected = [volumes[name] for name in uem_ich_jax.SUBTYPES]
+    np.testing.assert_allclose(example["hematoma_ml"], expected, rtol=1e-4, atol=1e-6)
+
+
 def test_plan_scans_balanced_and_deterministic():
   config = SyntheticIchConfig(name="plan", num_scans=40, num_folds=5, followup_every=3)
   plan = plan_scans(config)
@@ -164,7 +206,7 @@ def test_cli_build_dataset(tmp_path, capsys):
   assert cli.main(["build-dataset", "synthetic_ich", "--data-dir", str(tmp_path), "--config",
                    "slices"]) == 0
   output = capsys.readouterr().out
-  written = tmp_path / "synthetic_ich" / "slices" / "1.0.0"
+  written = tmp_path / "synthetic_ich" / "slices" / "1.1.0"
   assert str(written) in output
   assert "train: 960 examples" in output
   assert list(written.glob("*.array_record-*"))

@@ -21,9 +21,10 @@ from uem_ich_jax.phantom import PhantomScan
 _DESCRIPTION = """\
 Synthetic non-contrast head CT from the uem_ich_jax phantom generator, with
 slice labels (any, epidural, intraparenchymal, intraventricular, subarachnoid,
-subdural), BHSD-style masks (class ids 1..5), boxes and hematoma volumes.
-Every example carries a patient-level `fold`; train on folds != k and evaluate
-on fold k.
+subdural), BHSD-style masks (class ids 1..5), boxes, hematoma volumes, the 14
+CQ500 scan labels (bleed side, chronic bleed, fractures, mass effect, midline
+shift) and the voxel-to-patient affine. Every example carries a patient-level
+`fold`; train on folds != k and evaluate on fold k.
 """
 
 SLICES = "slices"
@@ -158,11 +159,19 @@ def _generate_scan(planned: PlannedScan, config: SyntheticIchConfig) -> PhantomS
 
 
 class SyntheticIch(tfds.core.GeneratorBasedBuilder):
-  """Seeded synthetic head CT with the five hemorrhage subtypes."""
+  """Seeded synthetic head CT with the five hemorrhage subtypes and the CQ500 findings."""
 
   name = "synthetic_ich"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: slices and scans layouts, patient folds."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release: slices and scans layouts, patient folds.",
+      "1.1.0": (
+          "Phantom findings for the 14 CQ500 labels (chronic subdural collections,"
+          " calvarial and other fractures, midline shift from mass effect, bleed"
+          " side). Scans gain `cq500_labels`, `midline_shift_mm` and `affine`;"
+          " slices gain `affine`. Scans without the new findings are unchanged."
+      ),
+  }
   BUILDER_CONFIGS = _configs()
   DEFAULT_CONFIG_NAME = SLICES
   # Configs that `uem-ich build-dataset synthetic_ich` builds when no config is
@@ -183,6 +192,9 @@ class SyntheticIch(tfds.core.GeneratorBasedBuilder):
           "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
           "box_classes": tfds.features.Tensor(shape=(None,), dtype=np.int32),
           "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
+          # The scan's map from (slice, row, column) to LPS mm; this slice is
+          # index `slice_index`.
+          "affine": tfds.features.Tensor(shape=(4, 4), dtype=np.float32),
           "slice_index": np.int32,
           "scan_id": text,
           "patient_id": text,
@@ -203,7 +215,14 @@ class SyntheticIch(tfds.core.GeneratorBasedBuilder):
           "hematoma_ml": tfds.features.Tensor(
               shape=(len(uem_ich_jax.SUBTYPES),), dtype=np.float32
           ),
+          # The 14 CQ500 labels, in the order of `uem_ich_jax.CQ500_LABELS`.
+          "cq500_labels": tfds.features.Tensor(
+              shape=(len(uem_ich_jax.CQ500_LABELS),), dtype=np.uint8
+          ),
+          "midline_shift_mm": np.float32,
           "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
+          # Map from (slice, row, column) to LPS mm (+x is the patient's left).
+          "affine": tfds.features.Tensor(shape=(4, 4), dtype=np.float32),
           "scan_id": text,
           "patient_id": text,
           "fold": np.int32,
@@ -241,6 +260,7 @@ class SyntheticIch(tfds.core.GeneratorBasedBuilder):
       scan = _generate_scan(planned, config)
       image = windows_uint8(scan.volume.hu)
       spacing = np.asarray(scan.volume.spacing, dtype=np.float32)
+      affine = np.asarray(scan.volume.affine, dtype=np.float32)
       labels = np.asarray(
           [scan.scan_labels[name] for name in uem_ich_jax.SLICE_LABELS], dtype=np.uint8
       )
@@ -254,7 +274,12 @@ class SyntheticIch(tfds.core.GeneratorBasedBuilder):
                 [scan.hematoma_ml.get(name, 0.0) for name in uem_ich_jax.SUBTYPES],
                 dtype=np.float32,
             ),
+            "cq500_labels": np.asarray(
+                [scan.scan_labels[name] for name in uem_ich_jax.CQ500_LABELS], dtype=np.uint8
+            ),
+            "midline_shift_mm": np.float32(scan.midline_shift_mm),
             "spacing": spacing,
+            "affine": affine,
             "scan_id": scan.scan_id,
             "patient_id": scan.patient_id,
             "fold": planned.fold,
@@ -268,6 +293,7 @@ class SyntheticIch(tfds.core.GeneratorBasedBuilder):
             "boxes": np.asarray(scan.boxes[slice_index], dtype=np.float32).reshape(-1, 4),
             "box_classes": np.asarray(scan.box_classes[slice_index], dtype=np.int32),
             "spacing": spacing,
+            "affine": affine,
             "slice_index": slice_index,
             "scan_id": scan.scan_id,
             "patient_id": scan.patient_id,

@@ -1,4 +1,4 @@
-"""Seeded synthetic head CT with the five hemorrhage subtypes and their ground truth."""
+"""Seeded synthetic head CT with hemorrhages, the other CQ500 findings and their truth."""
 
 from uem_ich_jax.phantom.generate import generate_scan
 from uem_ich_jax.phantom.scan import PhantomScan

@@ -251,7 +251,9 @@ class Head:
   parenchyma: np.ndarray
 
 
-def _section(z: np.ndarray, params: HeadParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def inner_table_section(
+    z: np.ndarray, params: HeadParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Half-width, half-length and y centre of the inner-table ellipse at each height."""
   above = np.clip((z - EQUATOR_Z_MM) / (VERTEX_Z_MM - EQUATOR_Z_MM), 0.0, 1.0)
   below = np.clip((EQUATOR_Z_MM - z) / EQUATOR_Z_MM, 0.0, 1.5)
@@ -356,8 +358,8 @@ def _edge_width(z: np.ndarray, params: HeadParams, grid: Grid) -> np.ndarray:
   the change in semi-axis across the slice.
   """
   half = 0.5 * grid.slice_mm
-  below = _section(z - half, params)
-  above = _section(z + half, params)
+  below = inner_table_section(z - half, params)
+  above = inner_table_section(z + half, params)
   change = np.maximum(np.abs(above[0] - below[0]), np.abs(above[1] - below[1]))
   return np.sqrt(grid.pixel_mm**2 + change**2).astype(np.float32)
 
@@ -409,7 +411,7 @@ def _build_cropped(grid: Grid, params: HeadParams) -> Head:
   """Builds the head on a grid already cropped to the rows and columns it reaches."""
   px = grid.pixel_mm
   z = grid.z
-  semi_x, semi_y, center_y = _section(z, params)
+  semi_x, semi_y, center_y = inner_table_section(z, params)
   edge = _edge_width(z, params, grid)
   y = grid.y - center_y
   x = grid.x

@@ -1,4 +1,4 @@
-"""Seeded synthetic head CT with any of the five acute hemorrhage subtypes.
+"""Seeded synthetic head CT with the five acute hemorrhage subtypes and the CQ500 findings.
 
 Mask class ids follow the BHSD `dataset.json` label map: 0 background,
 1 epidural, 2 intraparenchymal, 3 intraventricular, 4 subarachnoid,
@@ -12,20 +12,28 @@ rows run anterior to posterior, columns from patient right to patient left,
 and slices ascend from inferior to superior. The affine maps (slice, row,
 column) to LPS mm, so a bleed on the patient's left has larger column indices
 and a larger x.
+
+Besides the acute bleeds, a scan can have a chronic subdural collection (mask
+class 5), a calvarial or other skull fracture, and a midline shift from the
+mass of its bleeds (see `findings`). Its `scan_labels` hold the six slice
+labels and the 14 CQ500 labels (`cq500_labels` gives the rules).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from uem_ich_jax import MASK_CLASS_IDS, SLICE_LABELS, SUBTYPES
+from uem_ich_jax import CQ500_LABELS, MASK_CLASS_IDS, SLICE_LABELS, SUBTYPES, clinical
 from uem_ich_jax.ct.volume import CTVolume, Provenance
-from uem_ich_jax.phantom import anatomy, lesions
+from uem_ich_jax.errors import InputError
+from uem_ich_jax.phantom import anatomy, findings, lesions
 from uem_ich_jax.phantom.scan import PhantomScan
 
 logger = logging.getLogger(__name__)
@@ -43,6 +51,30 @@ MAX_NOISE_HU = 5.0
 HEAD_EXTENT_MM = (170.0, 212.0)
 # Attempts at placing a bleed before giving up on a forced subtype.
 PLACEMENT_ATTEMPTS = 8
+
+# New findings, drawn from their own generator when subtypes are drawn: share
+# of scans with a chronic subdural collection, and odds of each fracture kind.
+CHRONIC_FRACTION = 0.2
+FRACTURE_ODDS = {"calvarial": 0.18, "other": 0.15}
+# Midline shift from mass effect. The net mass is the supratentorial volume
+# of space-occupying blood (epidural, intraparenchymal, subdural, chronic
+# included) on one side minus the other. It shifts the septum away from the
+# larger side by SHIFT_MM_PER_ML per mL beyond SHIFT_FREE_ML, times a drawn
+# compliance of the brain, up to `findings.MAX_SHIFT_MM`: about 5 mm for a
+# net 50 mL.
+SPACE_OCCUPYING = ("epidural", "intraparenchymal", "subdural")
+SHIFT_FREE_ML = 15.0
+SHIFT_MM_PER_ML = 0.15
+SHIFT_COMPLIANCE = (0.7, 1.3)
+# A drawn shift below this is not applied and is recorded as 0, because it
+# would move the septum by less than a pixel of the usual grids.
+MIN_DRAWN_SHIFT_MM = 1.0
+# Label thresholds on the septum shift. MassEffect starts at 2 mm because the
+# phantom has no other sign of mass effect (sulcal and ventricular effacement
+# are not modelled). MidlineShift starts at 5 mm, the usual clinical threshold
+# for a significant shift.
+MASS_EFFECT_SHIFT_MM = 2.0
+MIDLINE_SHIFT_LABEL_MM = 5.0
 
 # In-plane 8-connectivity, never across slices: boxes are per slice.
 _SLICE_CONNECTIVITY = np.array(
@@ -120,19 +152,29 @@ def _noise(rng: np.random.Generator, shape: tuple[int, int, int], sd_hu: float) 
   return noise
 
 
-def _place_bleed(
-    name: str, rng: np.random.Generator, grid: anatomy.Grid, head: anatomy.Head
-) -> lesions.Bleed:
+def _place(maker, description: str, rng: np.random.Generator, grid, head):
+  """Calls `maker(rng, grid, head)` until it finds room, at most `PLACEMENT_ATTEMPTS` times."""
   last_error = None
   for _ in range(PLACEMENT_ATTEMPTS):
     try:
-      return lesions.MAKERS[name](rng, grid, head)
+      return maker(rng, grid, head)
     except lesions.NoRoomError as error:
       last_error = error
   raise ValueError(
-      f"cannot place a {name} hemorrhage on this grid ({last_error}); "
+      f"cannot place a {description} on this grid ({last_error}); "
       "use more slices or a larger field of view"
   )
+
+
+def _place_finding(maker, description: str, rng, grid, head, *, forced: bool, seed: int):
+  """Places a new finding. A drawn one that finds no room is left out with a log line."""
+  try:
+    return _place(maker, description, rng, grid, head)
+  except ValueError as error:
+    if forced:
+      raise InputError(str(error)) from error
+    logger.info("seed %d: %s", seed, error)
+    return None
 
 
 def slice_labels_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -193,6 +235,137 @@ def _default_ids(seed: int, patient_id: str | None, scan_id: str | None) -> tupl
   return patient_id or f"PHANTOM-{digest[:10]}", scan_id or f"PHANTOM-{digest[:10]}-{seed}"
 
 
+@dataclasses.dataclass(frozen=True)
+class _FindingsPlan:
+  """New findings requested for one scan, before placement."""
+
+  chronic: bool
+  fracture: str
+  compliance: float
+  toward_without_mass: float
+
+
+def _check_findings(
+    chronic: bool | None, fracture: str | None, midline_shift_mm: float | None
+) -> None:
+  if chronic is not None and not isinstance(chronic, (bool, np.bool_)):
+    raise InputError(f"chronic must be True, False or None (drawn), got {chronic!r}")
+  if fracture is not None and fracture not in findings.FRACTURE_KINDS:
+    raise InputError(
+        f"fracture must be one of {findings.FRACTURE_KINDS} or None (drawn), got {fracture!r}"
+    )
+  if midline_shift_mm is not None:
+    if isinstance(midline_shift_mm, bool) or not isinstance(midline_shift_mm, numbers.Real):
+      raise InputError(f"midline_shift_mm must be a number of mm or None, got {midline_shift_mm!r}")
+    if not 0.0 <= midline_shift_mm <= findings.MAX_SHIFT_MM:
+      raise InputError(
+          f"midline_shift_mm must be within [0, {findings.MAX_SHIFT_MM}] mm, got {midline_shift_mm}"
+      )
+
+
+def _plan_findings(
+    rng: np.random.Generator, drawing: bool, chronic: bool | None, fracture: str | None
+) -> _FindingsPlan:
+  """Draws the new findings. A forced value wins, and forced subtypes turn the others off."""
+  # Every draw happens whatever is forced, so that forcing one finding keeps
+  # the others of the same seed.
+  chronic_draw = rng.uniform()
+  fracture_draw = rng.uniform()
+  compliance = float(rng.uniform(*SHIFT_COMPLIANCE))
+  toward = float(rng.choice((-1.0, 1.0)))
+  if chronic is None:
+    chronic = drawing and chronic_draw < CHRONIC_FRACTION
+  if fracture is None:
+    fracture = "none"
+    if drawing:
+      threshold = 0.0
+      for kind, odds in FRACTURE_ODDS.items():
+        threshold += odds
+        if fracture_draw < threshold:
+          fracture = kind
+          break
+  return _FindingsPlan(
+      chronic=bool(chronic), fracture=fracture, compliance=compliance, toward_without_mass=toward
+  )
+
+
+def _mass_ml_by_side(
+    bleeds: Sequence[lesions.Bleed], grid: anatomy.Grid, voxel_ml: float
+) -> tuple[float, float]:
+  """Sums the supratentorial blood of space-occupying bleeds on the head's left and right, mL."""
+  left = right = 0
+  above = grid.z[:, 0, 0] > anatomy.TENTORIUM_Z_MM
+  for bleed in bleeds:
+    core = bleed.core & above[bleed.box[0]][:, None, None]
+    x = grid.x[bleed.box][core]
+    left += int(np.count_nonzero(x > 0))
+    right += int(np.count_nonzero(x < 0))
+  return left * voxel_ml, right * voxel_ml
+
+
+def _midline_shift(
+    plan: _FindingsPlan, drawing: bool, forced_mm: float | None, left_ml: float, right_ml: float,
+    max_mm: float,
+) -> tuple[float, float]:
+  """Computes the septum shift (patient mm) and its direction (+1 left, -1 right) from the mass."""
+  net_ml = left_ml - right_ml
+  toward = -float(np.sign(net_ml)) if net_ml else plan.toward_without_mass
+  if forced_mm is not None:
+    return float(forced_mm), toward
+  if not drawing:
+    return 0.0, toward
+  shift = SHIFT_MM_PER_ML * (abs(net_ml) - SHIFT_FREE_ML) * plan.compliance
+  if shift < MIN_DRAWN_SHIFT_MM:
+    return 0.0, toward
+  return float(min(shift, max_mm)), toward
+
+
+def _side_ml(
+    mask: np.ndarray, grid: anatomy.Grid, warp: findings.MidlineWarp | None, voxel_ml: float
+) -> tuple[float, float]:
+  """Sums the blood on the head's left and right, by the hemisphere each voxel came from."""
+  if warp is None:
+    x = grid.x[mask > 0]
+  else:
+    x = grid.x.copy()
+    x[warp.box] -= warp.displacement_mm
+    x = x[mask > 0]
+  on_plane = 0.5 * np.count_nonzero(x == 0)
+  left = np.count_nonzero(x > 0) + on_plane
+  right = np.count_nonzero(x < 0) + on_plane
+  return float(left * voxel_ml), float(right * voxel_ml)
+
+
+def cq500_labels(
+    scan_labels: dict[str, int], bleed_side: str, chronic_ml: float, fracture: str,
+    midline_shift_mm: float,
+) -> dict[str, int]:
+  """Derives the 14 CQ500 scan labels (`uem_ich_jax.CQ500_LABELS`) of a phantom scan.
+
+  ICH and its subtypes come from the mask (`scan_labels`). A side is bleeding
+  under the rule of `clinical.side_from_ml`. MassEffect needs a septum shift
+  of at least `MASS_EFFECT_SHIFT_MM`, and MidlineShift one of at least
+  `MIDLINE_SHIFT_LABEL_MM`.
+  """
+  labels = {
+      "ICH": scan_labels["any"],
+      "IPH": scan_labels["intraparenchymal"],
+      "IVH": scan_labels["intraventricular"],
+      "SDH": scan_labels["subdural"],
+      "EDH": scan_labels["epidural"],
+      "SAH": scan_labels["subarachnoid"],
+      "BleedLocation-Left": int(bleed_side in ("left", "bilateral")),
+      "BleedLocation-Right": int(bleed_side in ("right", "bilateral")),
+      "ChronicBleed": int(chronic_ml > 0.0),
+      "Fracture": int(fracture != "none"),
+      "CalvarialFracture": int(fracture == "calvarial"),
+      "OtherFracture": int(fracture == "other"),
+      "MassEffect": int(midline_shift_mm >= MASS_EFFECT_SHIFT_MM),
+      "MidlineShift": int(midline_shift_mm >= MIDLINE_SHIFT_LABEL_MM),
+  }
+  return {name: labels[name] for name in CQ500_LABELS}
+
+
 def generate_scan(
     seed: int,
     shape: tuple[int, int, int] = (32, 256, 256),
@@ -203,8 +376,17 @@ def generate_scan(
     scan_id: str | None = None,
     tilt_deg: float = 0.0,
     noise_hu: float | None = None,
+    chronic: bool | None = None,
+    fracture: str | None = None,
+    midline_shift_mm: float | None = None,
 ) -> PhantomScan:
   """Generates one synthetic head CT and its ground truth.
+
+  The acute bleeds, anatomy, position and noise come from
+  `numpy.random.default_rng(seed)`. The chronic subdural collection, the
+  fracture and the midline shift come from a second generator,
+  `default_rng([seed, 1])`, so a scan without them is the same as before they
+  existed.
 
   Args:
     seed: seed of `numpy.random.default_rng`; the same arguments give the same
@@ -213,18 +395,30 @@ def generate_scan(
     spacing_mm: (slice, row, column) spacing; slices are contiguous.
     subtypes: names from `uem_ich_jax.SUBTYPES` to place (an empty tuple gives
       a normal scan), or None to draw: 30% normal, the rest one to three
-      subtypes.
+      subtypes. With subtypes given, the findings below are absent unless
+      forced.
     patient_id: defaults to an id derived from the seed. Scans given the same
       patient id share the head anatomy (sizes, sulci, ventricles, densities).
     scan_id: defaults to an id derived from the seed.
     tilt_deg: gantry tilt in degrees, with dcm2niix's sign; shears the slice
       positions along the anterior-posterior axis.
     noise_hu: noise standard deviation; drawn from 4-5 HU when None.
+    chronic: True adds a chronic (hypodense) subdural collection, False
+      leaves it out, None draws it (in `CHRONIC_FRACTION` of scans) when
+      `subtypes` is None.
+    fracture: "calvarial", "other" or "none"; None draws it (`FRACTURE_ODDS`)
+      when `subtypes` is None.
+    midline_shift_mm: septum displacement in patient mm, within
+      [0, `findings.MAX_SHIFT_MM`], away from the side with more
+      space-occupying blood (a drawn side when there is none). None derives it
+      from the blood when `subtypes` is None and gives 0 otherwise.
 
   Raises:
     ValueError: unknown subtype, invalid shape, spacing, tilt or noise, or a
       forced subtype that no slice of this grid can hold (a drawn one is left
-      out with a warning).
+      out with a warning). `InputError` (a ValueError) for an invalid
+      `chronic`, `fracture` or `midline_shift_mm`, or a forced finding that
+      this grid cannot hold (a drawn one is left out).
   """
   shape = tuple(int(n) for n in shape)
   spacing_mm = tuple(float(s) for s in spacing_mm)
@@ -236,9 +430,11 @@ def generate_scan(
     raise ValueError(f"tilt_deg must be within (-45, 45), got {tilt_deg}")
   if noise_hu is not None and not 0.0 <= noise_hu <= MAX_NOISE_HU:
     raise ValueError(f"noise_hu must be within [0, {MAX_NOISE_HU}], got {noise_hu}")
+  _check_findings(chronic, fracture, midline_shift_mm)
 
   rng = np.random.default_rng(seed)
-  names = _draw_subtypes(rng) if subtypes is None else _check_subtypes(subtypes)
+  drawing = subtypes is None
+  names = _draw_subtypes(rng) if drawing else _check_subtypes(subtypes)
   noise_sd = float(rng.uniform(4.0, MAX_NOISE_HU)) if noise_hu is None else float(noise_hu)
 
   # Anatomy is drawn in a canonical head frame; a small field of view scales
@@ -250,6 +446,11 @@ def generate_scan(
   )
   if fit < 1.0:
     logger.debug("field of view of %s voxels is small: head scaled by %.2f", shape, fit)
+  if midline_shift_mm is not None and midline_shift_mm > findings.MAX_SHIFT_MM * fit:
+    raise InputError(
+        f"midline_shift_mm {midline_shift_mm} is more than {findings.MAX_SHIFT_MM * fit:.1f} mm, "
+        f"the most this field of view allows (the head is scaled by {fit:.2f} to fit)"
+    )
   # Scans of one given patient share the head, so a follow-up scan shows the
   # same anatomy. Position, noise and bleeds still come from `seed`.
   if patient_id is None:
@@ -261,24 +462,25 @@ def generate_scan(
   heights = _slice_heights(rng, shape[0], spacing_mm[0])
   row_shift = positions[:, 1] - positions[0, 1] - (positions[-1, 1] - positions[0, 1]) / 2
   canonical_spacing = tuple(s / fit for s in spacing_mm)
+  center_mm = (rng.uniform(-4.0, 4.0), rng.uniform(-6.0, 6.0))
+  yaw_deg = rng.uniform(-5.0, 5.0)
   grid = anatomy.make_grid(
       shape,
       canonical_spacing,
       slice_z_mm=heights,
       row_shift_mm=row_shift / fit,
-      center_mm=(rng.uniform(-4.0, 4.0), rng.uniform(-6.0, 6.0)),
-      yaw_deg=rng.uniform(-5.0, 5.0),
+      center_mm=center_mm,
+      yaw_deg=yaw_deg,
   )
   head = anatomy.build_head(grid, params)
 
-  # TODO: mass effect (midline shift, effaced sulci and ventricles) is not
-  # modelled, so a large bleed covers anatomy instead of displacing it.
-  hu = head.hu
-  mask = np.zeros(shape, np.uint8)
-  blood_hu = np.zeros(shape, np.float32)
+  # Bleeds are placed on the straight head; painting waits for the midline
+  # shift, which depends on their size. The edema draw stays right after its
+  # bleed so that the random stream keeps its order.
+  placed = []
   for name in names:
     try:
-      bleed = _place_bleed(name, rng, grid, head)
+      bleed = _place(lesions.MAKERS[name], f"{name} hemorrhage", rng, grid, head)
     except ValueError as error:
       if subtypes is not None:
         raise
@@ -286,16 +488,83 @@ def generate_scan(
       # come from the mask, so they stay true.
       logger.warning("seed %d: %s", seed, error)
       continue
+    edema_hu = None if bleed.edema_fraction is None else np.float32(rng.uniform(6.0, 12.0))
+    placed.append((name, bleed, edema_hu))
+
+  findings_rng = np.random.default_rng([seed, 1])
+  plan = _plan_findings(findings_rng, drawing, chronic, fracture)
+  chronic_bleed = None
+  if plan.chronic:
+    chronic_bleed = _place_finding(
+        lesions.chronic_subdural, "chronic subdural collection", findings_rng, grid, head,
+        forced=chronic is not None, seed=seed,
+    )
+
+  voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+  mass = [bleed for name, bleed, _ in placed if name in SPACE_OCCUPYING]
+  mass += [chronic_bleed] if chronic_bleed is not None else []
+  shift_mm, toward = _midline_shift(
+      plan, drawing, midline_shift_mm, *_mass_ml_by_side(mass, grid, voxel_ml),
+      max_mm=findings.MAX_SHIFT_MM * fit,
+  )
+  warp = None
+  if shift_mm > 0.0:
+    warp = findings.make_midline_warp(
+        grid, params, shift_mm / fit, toward, yaw_deg, canonical_spacing[1:]
+    )
+    if warp is None:
+      if midline_shift_mm is not None:
+        raise InputError(
+            "no slice of this grid reaches the lateral ventricles, so a midline shift "
+            "cannot show; use more slices"
+        )
+      shift_mm = 0.0
+  if warp is not None:
+    head = findings.warp_head(grid, params, head, warp)
+    placed = [(name, findings.warp_bleed(b, warp, shape), e) for name, b, e in placed]
+    if chronic_bleed is not None:
+      chronic_bleed = findings.warp_bleed(chronic_bleed, warp, shape)
+
+  fracture_found = None
+  if plan.fracture != "none":
+    fracture_found = _place_finding(
+        findings.FRACTURE_MAKERS[plan.fracture], f"{plan.fracture} fracture", findings_rng,
+        grid, head, forced=fracture is not None, seed=seed,
+    )
+
+  hu = head.hu
+  mask = np.zeros(shape, np.uint8)
+  blood_hu = np.zeros(shape, np.float32)
+  chronic_core = None
+  if chronic_bleed is not None:
+    region = hu[chronic_bleed.box]
+    region += chronic_bleed.fraction * (np.float32(chronic_bleed.blood_hu) - region)
+    mask[chronic_bleed.box][chronic_bleed.core] = MASK_CLASS_IDS["subdural"]
+    blood_hu[chronic_bleed.box][chronic_bleed.core] = chronic_bleed.blood_hu
+    chronic_core = np.zeros(shape, bool)
+    chronic_core[chronic_bleed.box] = chronic_bleed.core
+  for name, bleed, edema_hu in placed:
     region = hu[bleed.box]
-    if bleed.edema_fraction is not None:
-      region -= bleed.edema_fraction * np.float32(rng.uniform(6.0, 12.0))
+    if edema_hu is not None:
+      region -= bleed.edema_fraction * edema_hu
     region += bleed.fraction * (np.float32(bleed.blood_hu) - region)
     mask[bleed.box][bleed.core] = MASK_CLASS_IDS[name]
     blood_hu[bleed.box][bleed.core] = bleed.blood_hu
+    if chronic_core is not None:
+      # Acute blood over a chronic collection is acute.
+      chronic_core[bleed.box][bleed.core] = False
   # A later bleed's edema or edge ramp may have lowered an earlier bleed's
   # blood, so every mask voxel gets back the density of the bleed it belongs to.
   bleeding = mask > 0
   hu[bleeding] = blood_hu[bleeding]
+
+  fracture_mask = np.zeros(shape, bool)
+  if fracture_found is not None:
+    # The gap stays out of the blood, so every mask voxel keeps its density.
+    fraction = fracture_found.fraction * ~bleeding[fracture_found.box]
+    region = hu[fracture_found.box]
+    region += fraction * (np.float32(fracture_found.fill_hu) - region)
+    fracture_mask[fracture_found.box] = fraction >= 1.0
   hu += _noise(rng, shape, noise_sd)
 
   pid, sid = _default_ids(seed, patient_id, scan_id)
@@ -312,14 +581,28 @@ def generate_scan(
       ),
   )
   boxes, box_classes = boxes_from_mask(mask)
+  left_ml, right_ml = _side_ml(mask, grid, warp, voxel_ml)
+  side = clinical.side_from_ml(left_ml, right_ml)
+  chronic_ml = 0.0 if chronic_core is None else float(np.count_nonzero(chronic_core)) * voxel_ml
+  fracture_kind = "none" if fracture_found is None else fracture_found.kind
+  scan_labels = scan_labels_from_mask(mask)
+  scan_labels.update(cq500_labels(scan_labels, side, chronic_ml, fracture_kind, shift_mm))
   return PhantomScan(
       volume=volume,
       mask=mask,
       slice_labels=slice_labels_from_mask(mask),
-      scan_labels=scan_labels_from_mask(mask),
+      scan_labels=scan_labels,
       boxes=boxes,
       box_classes=box_classes,
       hematoma_ml=hematoma_ml_from_mask(mask, spacing_mm),
       patient_id=pid,
       scan_id=sid,
+      bleed_ml_left=left_ml,
+      bleed_ml_right=right_ml,
+      bleed_side=side,
+      midline_shift_mm=shift_mm,
+      midline_shift_toward={1.0: "left", -1.0: "right"}[toward] if shift_mm > 0 else "none",
+      fracture=fracture_kind,
+      fracture_mask=fracture_mask,
+      chronic_ml=chronic_ml,
   )

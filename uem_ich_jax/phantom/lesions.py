@@ -266,3 +266,27 @@ MAKERS = {
     "subarachnoid": subarachnoid,
     "subdural": subdural,
 }
+
+
+# Density of a chronic subdural collection (hypodense, close to CSF), HU.
+CHRONIC_HU_RANGE = (4.0, 22.0)
+
+
+def chronic_subdural(rng: np.random.Generator, grid: anatomy.Grid, head: anatomy.Head) -> Bleed:
+  """Hypodense crescent along the convexity: a chronic subdural hematoma.
+
+  Same shape and place as the acute `subdural`, a little thicker, with the
+  density of old, liquefied blood (`CHRONIC_HU_RANGE`, 0-25 HU before noise).
+  """
+  box, distance, _ = _convexity_collection(
+      rng,
+      grid,
+      head,
+      radius_mm=rng.uniform(55.0, 100.0),
+      height_mm=rng.uniform(35.0, 55.0),
+      thickness_mm=rng.uniform(7.0, 18.0),
+      power=0.5,
+      z_range=CONVEXITY_Z_MM,
+      one_side=True,
+  )
+  return _bleed_from_distance(box, distance, grid.pixel_mm, float(rng.uniform(*CHRONIC_HU_RANGE)))
