@@ -129,3 +129,47 @@ def test_head_wrong_feature_width_raises():
   features = tuple(jnp.zeros((1, 4, 4, c)) for c in [4, 8, 9, 16])
   with pytest.raises(InputError, match="feature 2 has shape"):
     head(features, (16, 16))
+
+
+def _small_features(seed: int = 0, widths=(4, 8, 8, 16), size: int = 8):
+  rng = np.random.default_rng(seed)
+  return tuple(
+      jnp.asarray(rng.normal(size=(2, size // 2**i, size // 2**i, c)), jnp.float32)
+      for i, c in enumerate(widths)
+  )
+
+
+def test_neck_is_the_refined_stride4_map():
+  head = SegFormerHead([4, 8, 8, 16], 8, 3, rngs=nnx.Rngs(0))
+  features = _small_features()
+  neck = head.neck(features)
+  assert neck.shape == (2, 8, 8, 8)
+  main, aux, decoded_neck = head.decode(features, (32, 32))
+  np.testing.assert_allclose(np.asarray(decoded_neck), np.asarray(neck), rtol=1e-6)
+  called_main, called_aux = head(features, (32, 32))
+  np.testing.assert_allclose(np.asarray(called_main), np.asarray(main), rtol=1e-6)
+  for got, expected in zip(called_aux, aux):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6)
+
+
+def test_classify_at_stride4_upsamples_logits():
+  full = SegFormerHead([4, 8, 8, 16], 8, 3, rngs=nnx.Rngs(0))
+  fast = SegFormerHead([4, 8, 8, 16], 8, 3, classify_at_stride4=True, rngs=nnx.Rngs(0))
+  features = _small_features(seed=1)
+  fast_main, _ = fast(features, (32, 32))
+  full_main, _ = full(features, (32, 32))
+  assert fast_main.shape == full_main.shape == (2, 32, 32, 3)
+  # Same weights, different order of classification and upsampling. The
+  # initial logits are tiny, so the comparison is relative.
+  assert not np.allclose(np.asarray(fast_main), np.asarray(full_main), rtol=1e-3, atol=0)
+  # At the stride-4 size itself the two orders agree.
+  np.testing.assert_allclose(
+      np.asarray(fast(features, (8, 8))[0]), np.asarray(full(features, (8, 8))[0]), rtol=1e-5, atol=0
+  )
+
+
+def test_binary_head_has_one_logit_map():
+  head = SegFormerHead([4, 8, 8, 16], 8, 1, rngs=nnx.Rngs(0))
+  main, aux = head(_small_features(), (16, 16))
+  assert main.shape == (2, 16, 16, 1)
+  assert all(output.shape == (2, 16, 16, 1) for output in aux)

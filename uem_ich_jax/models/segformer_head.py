@@ -114,6 +114,15 @@ class SegFormerHead(nnx.Module):
   concatenated, fused, refined twice (Dropout2d 0.1 in between), upsampled to
   `target_size` and classified by conv3x3 -> embed/2, BN, GELU, 1x1.
 
+  `neck` returns the refined stride-4 map alone, which other dense heads
+  (detection) share. With `num_classes` 1 the head is binary: its single
+  logit map is read through a sigmoid (foreground = any hemorrhage).
+  `classify_at_stride4` runs the classifier on the stride-4 map and upsamples
+  the logits bilinearly instead. That skips the 3x3 conv at full resolution,
+  which dominates the head's cost on CPUs, but it is not the upstream
+  computation, so upstream weights then give different outputs. The default
+  False is the upstream order.
+
   Built in evaluation mode (BatchNorm running statistics, no dropout), which
   is how upstream checkpoints are compared; `.train()` switches both.
   """
@@ -124,6 +133,7 @@ class SegFormerHead(nnx.Module):
       embed_dim: int,
       num_classes: int,
       *,
+      classify_at_stride4: bool = False,
       dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
@@ -138,6 +148,9 @@ class SegFormerHead(nnx.Module):
     if num_classes < 1:
       raise InputError(f"invalid num_classes={num_classes}: expected at least 1")
     self.dtype = dtype
+    self.embed_dim = embed_dim
+    self.num_classes = num_classes
+    self.classify_at_stride4 = classify_at_stride4
     self.in_channels = tuple(int(c) for c in in_channels)
     self.mix_ffn = nnx.List(
         [MixFFN(c, embed_dim, dtype=dtype, rngs=rngs) for c in self.in_channels]
@@ -156,10 +169,7 @@ class SegFormerHead(nnx.Module):
     self.seg_bn = layers.batch_norm(embed_dim // 2, rngs=rngs)
     self.seg_classifier = layers.linear(embed_dim // 2, num_classes, dtype=dtype, rngs=rngs)
 
-  def __call__(
-      self, features: Sequence[jax.Array], target_size: tuple[int, int]
-  ) -> tuple[jax.Array, list[jax.Array]]:
-    """Return (main logits, [4 auxiliary logits]), each (N, *target_size, classes) float32."""
+  def _check_features(self, features: Sequence[jax.Array]) -> None:
     if len(features) != NUM_STAGES:
       raise InputError(
           f"invalid features: expected {NUM_STAGES} maps (strides 4, 8, 16, 32), got {len(features)}"
@@ -169,20 +179,52 @@ class SegFormerHead(nnx.Module):
         raise InputError(
             f"feature {i} has shape {tuple(feature.shape)}, expected NHWC with {channels} channels"
         )
+
+  def _stage_maps(self, features: Sequence[jax.Array]) -> list[jax.Array]:
+    """Per stage: MixFFN to embed_dim, then coordinate attention, at the stage's own size."""
+    self._check_features(features)
+    return [self.coord_attn[i](self.mix_ffn[i](feature)) for i, feature in enumerate(features)]
+
+  def _fuse(self, stage_maps: Sequence[jax.Array]) -> jax.Array:
+    stride4_size = tuple(stage_maps[0].shape[1:3])
+    x = jnp.concatenate([resize_bilinear(x, stride4_size) for x in stage_maps], axis=-1)
+    x = self.fusion(x)
+    return self.boundary_refine2(self.dropout(self.boundary_refine1(x)))
+
+  def _classify(self, neck: jax.Array, target_size: tuple[int, int]) -> jax.Array:
+    if self.classify_at_stride4:
+      x = _norm_gelu(self.seg_bn, self.seg_conv(neck), self.dtype)
+      logits = self.seg_classifier(x).astype(jnp.float32)
+      return resize_bilinear(logits, target_size)
+    x = _norm_gelu(self.seg_bn, self.seg_conv(resize_bilinear(neck, target_size)), self.dtype)
+    return self.seg_classifier(x).astype(jnp.float32)
+
+  def neck(self, features: Sequence[jax.Array]) -> jax.Array:
+    """Return the fused and refined stride-4 map, (N, H/4, W/4, embed_dim) in `dtype`."""
+    return self._fuse(self._stage_maps(features))
+
+  def decode(
+      self, features: Sequence[jax.Array], target_size: tuple[int, int]
+  ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
+    """Return (main logits, [4 auxiliary logits], neck) from one pass over the stages.
+
+    Logits are (N, *target_size, classes) float32; the neck is what `neck` returns.
+    """
     target_size = (int(target_size[0]), int(target_size[1]))
-    stride4_size = tuple(features[0].shape[1:3])
+    stage_maps = self._stage_maps(features)
+    aux = [
+        resize_bilinear(self.aux_heads[i](x), target_size).astype(jnp.float32)
+        for i, x in enumerate(stage_maps)
+    ]
+    neck = self._fuse(stage_maps)
+    return self._classify(neck, target_size), aux, neck
 
-    stages, aux = [], []
-    for i, feature in enumerate(features):
-      x = self.coord_attn[i](self.mix_ffn[i](feature))
-      aux.append(resize_bilinear(self.aux_heads[i](x), target_size).astype(jnp.float32))
-      stages.append(resize_bilinear(x, stride4_size))
-
-    x = self.fusion(jnp.concatenate(stages, axis=-1))
-    x = self.boundary_refine2(self.dropout(self.boundary_refine1(x)))
-    x = resize_bilinear(x, target_size)
-    x = _norm_gelu(self.seg_bn, self.seg_conv(x), self.dtype)
-    return self.seg_classifier(x).astype(jnp.float32), aux
+  def __call__(
+      self, features: Sequence[jax.Array], target_size: tuple[int, int]
+  ) -> tuple[jax.Array, list[jax.Array]]:
+    """Return (main logits, [4 auxiliary logits]), each (N, *target_size, classes) float32."""
+    main, aux, _ = self.decode(features, target_size)
+    return main, aux
 
 
 def _conv_target(prefix: str, conv: nnx.Conv) -> dict[str, tuple[nnx.Variable, str]]:
