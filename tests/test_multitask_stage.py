@@ -404,7 +404,7 @@ def test_init_from_ssl_style_export():
   # The multitask encoder export feeds the classification model in turn.
   from uem_ich_jax.train import classification
 
-  export = multitask.encoder_arrays(copied_params, head_prefix="head")
+  export = multitask.STAGE.encoder_arrays(copied_params, head_prefix="head")
   assert not any(name.startswith("head") for name in export)
   single = nnx.eval_shape(lambda: classification.build_model(_model_config(), seed=0))
   _, single_params, _, _ = stages.split_model(single)

@@ -5,6 +5,12 @@ examples of the requested folds and shard them over processes. They then
 shuffle, read, augment, convert the stored uint8 windows to float32 in [-1, 1]
 and batch.
 
+Scan examples (`image` (S, H, W, 3), one example per scan) get a boolean
+`slice_mask` (S,). Batching pads the per-slice fields (`SLICE_FIELDS`) of a
+batch's scans with zeros to the smallest of the `slice_buckets` that fits its
+longest scan, with `slice_mask` False on the padding, so that scans of any length
+share a few shapes. Scans longer than the largest bucket are subsampled evenly.
+
 Batches hold numpy arrays for this process only (`batch_size` is per process);
 the trainer turns them into global `jax.Array`s. Every batch has a boolean
 `valid` (batch,): all True in training, False on the padding that evaluation
@@ -264,6 +270,166 @@ class PadBoxes(grain.transforms.Map):
     return out
 
 
+# Scan fields with one entry per slice along axis 0; batching pads them and
+# subsampling picks from them.
+SLICE_FIELDS = ("image", "mask", "slice_labels", "slice_mask")
+
+# Subsampled scans are logged one by one up to this count per process, and
+# later ones are not, so that a dataset of long scans does not flood the log.
+_MAX_SUBSAMPLE_WARNINGS = 10
+
+
+def check_slice_buckets(slice_buckets: Sequence[int] | None) -> tuple[int, ...] | None:
+  """Return `slice_buckets` as a tuple, or raise DataPipelineError unless it is strictly increasing positive integers."""
+  if slice_buckets is None:
+    return None
+  buckets = tuple(slice_buckets)
+  if not buckets or any(
+      isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1
+      for size in buckets
+  ):
+    raise DataPipelineError(
+        f"slice_buckets must be positive integer slice counts, got {slice_buckets!r}"
+    )
+  if any(later <= earlier for earlier, later in zip(buckets, buckets[1:])):
+    raise DataPipelineError(f"slice_buckets must be strictly increasing, got {slice_buckets!r}")
+  return tuple(int(size) for size in buckets)
+
+
+def slice_bucket(num_slices: int, slice_buckets: Sequence[int] | None) -> int:
+  """Return the smallest bucket of at least `num_slices` slices (`num_slices` itself without buckets).
+
+  Raises DataPipelineError when the largest bucket is smaller; `FitSlices`
+  subsamples such scans before batching.
+  """
+  if slice_buckets is None:
+    return num_slices
+  for size in slice_buckets:
+    if size >= num_slices:
+      return size
+  raise DataPipelineError(
+      f"a scan of {num_slices} slices does not fit the largest slice bucket {slice_buckets[-1]}"
+  )
+
+
+def even_slice_indices(num_slices: int, count: int) -> np.ndarray:
+  """Pick `count` of `num_slices` slice indices, evenly spaced, first and last included.
+
+  The indices are int(linspace(0, num_slices - 1, count)), as the upstream
+  picks 64 slices of a longer scan.
+  """
+  return np.linspace(0, num_slices - 1, count).astype(np.int64)
+
+
+@dataclasses.dataclass
+class FitSlices(grain.transforms.Map):
+  """Add `slice_mask` to scan examples and subsample those longer than the largest bucket.
+
+  Slice examples (`image` of rank 3) pass through unchanged.
+  NOTE: a subsampled scan keeps its stored `spacing` (and any `affine`), which
+  then describe the original slice grid, not the kept slices.
+  """
+
+  slice_buckets: tuple[int, ...] | None = None
+
+  def map(self, example: dict[str, Any]) -> dict[str, Any]:
+    image = np.asarray(example["image"])
+    if image.ndim != 4:
+      return example
+    out = dict(example)
+    num_slices = image.shape[0]
+    out["slice_mask"] = np.ones((num_slices,), np.bool_)
+    if self.slice_buckets is None or num_slices <= self.slice_buckets[-1]:
+      return out
+    count = self.slice_buckets[-1]
+    _warn_subsampled(example.get("scan_id"), num_slices, count)
+    kept = even_slice_indices(num_slices, count)
+    for key in SLICE_FIELDS:
+      if key in out:
+        out[key] = np.asarray(out[key])[kept]
+    return out
+
+
+_subsample_warnings = 0
+
+
+def _warn_subsampled(scan_id: Any, num_slices: int, count: int) -> None:
+  global _subsample_warnings
+  _subsample_warnings += 1
+  if _subsample_warnings <= _MAX_SUBSAMPLE_WARNINGS:
+    logger.warning(
+        "scan %r has %d slices, more than the largest slice bucket; keeping %d evenly spaced"
+        " slices%s",
+        scan_id,
+        num_slices,
+        count,
+        "; further subsampled scans are not logged"
+        if _subsample_warnings == _MAX_SUBSAMPLE_WARNINGS
+        else "",
+    )
+
+
+def _pad_slices(example: dict[str, Any], num_slices: int) -> dict[str, Any]:
+  """Pad the per-slice fields of a scan example with zeros to `num_slices`."""
+  out = dict(example)
+  for key in SLICE_FIELDS:
+    if key not in out:
+      continue
+    value = np.asarray(out[key])
+    missing = num_slices - value.shape[0]
+    if missing:
+      padding = np.zeros((missing, *value.shape[1:]), value.dtype)
+      out[key] = np.concatenate([value, padding], axis=0)
+  return out
+
+
+@dataclasses.dataclass
+class BatchScans:
+  """Batch scan examples, padded to the smallest slice bucket that fits the longest of them.
+
+  Without buckets the scans are padded to the longest scan of the batch.
+  """
+
+  slice_buckets: tuple[int, ...] | None = None
+
+  def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    longest = max(np.shape(example["slice_mask"])[0] for example in examples)
+    size = slice_bucket(longest, self.slice_buckets)
+    padded = [_pad_slices(example, size) for example in examples]
+    batch = {}
+    for key in padded[0]:
+      shapes = {np.shape(example[key]) for example in padded}
+      if len(shapes) > 1:
+        raise DataPipelineError(
+            f"scan field {key!r} has the shapes {sorted(shapes)} in one batch; a field with one"
+            f" entry per slice must be listed in pipeline.SLICE_FIELDS {SLICE_FIELDS} to be padded"
+        )
+      batch[key] = np.stack([example[key] for example in padded])
+    return batch
+
+
+def _is_scan_source(source: Any, index: int) -> bool:
+  return np.ndim(source[int(index)]["image"]) == 4
+
+
+def _batch(
+    dataset: grain.MapDataset,
+    batch_size: int,
+    *,
+    drop_remainder: bool,
+    scans: bool,
+    slice_buckets: tuple[int, ...] | None,
+) -> grain.MapDataset:
+  if not scans:
+    return dataset.batch(batch_size, drop_remainder=drop_remainder)
+  # TODO: each process pads its own batch, so several processes can pick
+  # different buckets and then fail to form one global batch. A single bucket
+  # avoids that until the processes agree on the bucket.
+  return dataset.batch(
+      batch_size, drop_remainder=drop_remainder, batch_fn=BatchScans(slice_buckets)
+  )
+
+
 def _padding_example(source: Any, index: int) -> dict[str, Any]:
   """Build an example shaped like `source[index]`: zeros, empty ids, `valid` False."""
   example = dict(source[int(index)])
@@ -313,6 +479,7 @@ def train_dataset(
     read_threads: int = 4,
     patient_fraction: float = 1.0,
     patient_seed: int = 0,
+    slice_buckets: Sequence[int] | None = None,
 ) -> grain.IterDataset:
   """Shuffled, augmented training batches of the examples in `folds`.
 
@@ -334,12 +501,16 @@ def train_dataset(
     read_threads: threads that read and transform examples in each process.
     patient_fraction, patient_seed: train on the examples of this fraction of
       the patients only (see `patient_subset`).
+    slice_buckets: increasing slice counts that scan batches are padded to
+      (see `BatchScans`); None pads each batch to its longest scan. Slice
+      datasets ignore it.
 
   Returns:
     A grain `IterDataset`; its iterators support `get_state`/`set_state`.
   """
   if batch_size < 1:
     raise DataPipelineError(f"batch_size must be at least 1, got {batch_size}")
+  slice_buckets = check_slice_buckets(slice_buckets)
   shard_index, shard_count = _resolve_shard(shard_index, shard_count)
   indices = patient_subset(
       source, fold_indices(source, folds), patient_fraction, seed=patient_seed
@@ -359,7 +530,14 @@ def train_dataset(
   if augment is not None:
     dataset = dataset.random_map(RandomAugment(augment), seed=seed)
   dataset = dataset.map(PadBoxes(max_boxes))
-  dataset = dataset.batch(batch_size, drop_remainder=True)
+  dataset = dataset.map(FitSlices(slice_buckets))
+  dataset = _batch(
+      dataset,
+      batch_size,
+      drop_remainder=True,
+      scans=_is_scan_source(source, shard[0]),
+      slice_buckets=slice_buckets,
+  )
   return _finish(dataset, worker_count, read_threads)
 
 
@@ -373,16 +551,19 @@ def eval_dataset(
     shard_count: int | None = None,
     worker_count: int = 0,
     read_threads: int = 4,
+    slice_buckets: Sequence[int] | None = None,
 ) -> grain.IterDataset:
   """One ordered pass over the examples in `folds`, padded to whole batches.
 
   Each shard gets `ceil(ceil(n / shard_count) / batch_size)` batches, so every
   process runs the same number of evaluation steps. The padding examples are
   zeros with `valid` False; summing over `valid` counts every example exactly
-  once over all shards.
+  once over all shards. Scan batches are padded to `slice_buckets` as in
+  `train_dataset`.
   """
   if batch_size < 1:
     raise DataPipelineError(f"batch_size must be at least 1, got {batch_size}")
+  slice_buckets = check_slice_buckets(slice_buckets)
   shard_index, shard_count = _resolve_shard(shard_index, shard_count)
   indices = fold_indices(source, folds)
   if len(indices) == 0:
@@ -398,5 +579,12 @@ def eval_dataset(
   dataset = dataset.map(ReadExample(source, padding=_padding_example(source, indices[0])))
   dataset = dataset.map(ToModelInput())
   dataset = dataset.map(PadBoxes(max_boxes))
-  dataset = dataset.batch(batch_size, drop_remainder=False)
+  dataset = dataset.map(FitSlices(slice_buckets))
+  dataset = _batch(
+      dataset,
+      batch_size,
+      drop_remainder=False,
+      scans=_is_scan_source(source, indices[0]),
+      slice_buckets=slice_buckets,
+  )
   return _finish(dataset, worker_count, read_threads)

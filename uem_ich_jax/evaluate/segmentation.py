@@ -47,9 +47,7 @@ def group_scans(
   """
   slice_index = np.asarray(slice_index).reshape(-1)
   if scan_ids is None:
-    # TODO: grouping by slice-index runs is wrong when several processes
-    # interleave their shards; pass scan ids once the trainer carries text
-    # fields through evaluation.
+    # Only right for rows in storage order; the trainer passes scan ids.
     starts = np.flatnonzero(np.diff(slice_index) <= 0) + 1
     groups = np.split(np.arange(slice_index.size), starts)
   else:

@@ -31,6 +31,7 @@ from uem_ich_jax.errors import InputError
 from uem_ich_jax.evaluate import segmentation as segmentation_metrics
 from uem_ich_jax.train import classification
 from uem_ich_jax.train import losses
+from uem_ich_jax.train import stages
 
 SCHEDULES = ("mixed", "alternating")
 
@@ -176,14 +177,6 @@ def build_model(model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
   network.eval()
   return network
 
-
-def encoder_arrays(tree: Mapping[str, Any], *, head_prefix: str) -> dict[str, Any]:
-  """Return the top-level entries of a parameter (or statistics) tree outside `head_prefix`.
-
-  The multi-task encoder sits at the model root, so its export is the model
-  minus the heads, in the layout that `stages.copy_encoder` reads.
-  """
-  return {name: value for name, value in tree.items() if not str(name).startswith(head_prefix)}
 
 
 # ---------------------------------------------------------------- Weights ---
@@ -509,19 +502,18 @@ class _MultitaskStage:
   batch_keys = (
       "image", "labels", "mask", "boxes", "box_classes", "spacing", "slice_index", "valid"
   )
-  # TODO: the trainer passes only `batch_keys` to the steps, so these flags
-  # reach the loss only once it also passes optional fields that a batch has.
+  # Per-task annotation flags, passed when a dataset has them.
   optional_batch_keys = tuple(flag for flag, _ in TASK_FLAGS)
-  # TODO: the trainer exports `state["params"][encoder_path]`, which cannot
-  # name the model root where this encoder sits. Until it calls
-  # `encoder_arrays` for a root encoder, this stage exports nothing.
+  # Text ids collected beside the evaluation outputs, to group slices by scan.
+  host_keys = ("scan_id",)
+  # The encoder is the model root, so the export is everything outside the heads.
   train_metrics = TrainMetrics
   build_model = staticmethod(build_model)
   loss = staticmethod(loss)
   eval_outputs = staticmethod(eval_outputs)
   evaluate = staticmethod(evaluate)
   check_config = staticmethod(check_config)
-  encoder_arrays = staticmethod(encoder_arrays)
+  encoder_arrays = staticmethod(stages.root_encoder_arrays)
 
 
 STAGE = _MultitaskStage()

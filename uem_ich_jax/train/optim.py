@@ -42,11 +42,16 @@ def warmup_cosine(
 
 
 def param_groups(params: Any, head_prefix: str = HEAD) -> Any:
-  """Label each parameter "head" when its path starts with `head_prefix`, else "encoder"."""
+  """Label each parameter "head" when its top-level name starts with `head_prefix`, else "encoder".
+
+  So `head`, `head_segmentation/...` and `head_detection/...` are all heads:
+  the same rule by which encoder exports leave the heads out
+  (`stages.copy_encoder`).
+  """
 
   def label(path, _):
-    name = path_name(path)
-    return HEAD if name == head_prefix or name.startswith(head_prefix + "/") else ENCODER
+    top = path_name(path).split("/")[0]
+    return HEAD if top.startswith(head_prefix) else ENCODER
 
   return jax.tree_util.tree_map_with_path(label, params)
 

@@ -23,7 +23,9 @@ from uem_ich_jax.train.mesh import path_name
 
 # Stage name -> module defining `STAGE`.
 STAGE_MODULES = {
+    "aggregator": "uem_ich_jax.train.aggregate",
     "classification": "uem_ich_jax.train.classification",
+    "multitask": "uem_ich_jax.train.multitask",
     "ssl_pretrain": "uem_ich_jax.train.ssl",
 }
 
@@ -66,6 +68,29 @@ class Stage(Protocol):
     for choosing thresholds. Returns scalars for TensorBoard and the full
     JSON-ready result.
     """
+
+
+def batch_keys(stage: Stage, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Return the batch fields of `stage` under `config` (`stage.batch_keys_for(config)` where defined)."""
+  keys_for = getattr(stage, "batch_keys_for", None)
+  return tuple(keys_for(config)) if keys_for is not None else tuple(stage.batch_keys)
+
+
+def root_encoder_arrays(tree: Mapping[str, Any], *, head_prefix: str) -> dict[str, Any]:
+  """Return the top-level entries of a parameter (or statistics) tree outside `head_prefix`.
+
+  For stages whose encoder sits at the model root (as in ConvNeXtV2): the
+  export is the model minus its heads, in the layout `copy_encoder` reads.
+  """
+  return {name: value for name, value in tree.items() if not str(name).startswith(head_prefix)}
+
+
+def exports_encoder(stage: Stage) -> bool:
+  """Return whether `stage` names its encoder: `encoder_path`, or `encoder_arrays` for a root encoder."""
+  return (
+      getattr(stage, "encoder_path", None) is not None
+      or getattr(stage, "encoder_arrays", None) is not None
+  )
 
 
 def get_stage(name: str) -> Stage:

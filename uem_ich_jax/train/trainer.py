@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from uem_ich_jax.data import augment as augment_lib
 from uem_ich_jax.data import pipeline
@@ -276,10 +277,15 @@ def empty_metrics(setup: Setup) -> tuple[Any, Any]:
 
 def model_batch(setup: Setup, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
   """Convert the stage's fields of a process-local batch to global arrays on the mesh."""
-  keys = setup.stage.batch_keys
+  keys = stages.batch_keys(setup.stage, setup.config)
   missing = [key for key in keys if key not in batch]
   if missing:
     raise InputError(f"batches of {setup.config.data.name} lack the fields {missing}")
+  # Fields a stage reads when a dataset has them (such as per-task
+  # annotation flags); the stage supplies defaults otherwise.
+  keys += tuple(
+      key for key in getattr(setup.stage, "optional_batch_keys", ()) if key in batch
+  )
   return to_global_batch({key: batch[key] for key in keys}, setup.data_sharding)
 
 
@@ -330,6 +336,7 @@ def train_iterator(config: ml_collections.ConfigDict, source: Any, folds: Folds)
       worker_count=config.data.worker_count,
       patient_fraction=config.data.get("patient_fraction", 1.0),
       patient_seed=config.data.get("patient_seed", 0),
+      slice_buckets=config.data.get("slice_buckets"),
   )
   return iter(dataset)
 
@@ -338,7 +345,12 @@ def picture_images(config: ml_collections.ConfigDict, source: Any, folds: Folds)
   """Return the first validation images, the same on every process, for a stage's pictures."""
   count = config.get("image_count", 8)
   dataset = pipeline.eval_dataset(
-      source, folds=folds.validation, batch_size=count, shard_index=0, shard_count=1
+      source,
+      folds=folds.validation,
+      batch_size=count,
+      shard_index=0,
+      shard_count=1,
+      slice_buckets=config.data.get("slice_buckets"),
   )
   batch = next(iter(dataset))
   return np.asarray(batch["image"])[np.asarray(batch["valid"], bool)]
@@ -355,6 +367,30 @@ def write_pictures(setup: Setup, state: Any, images: np.ndarray, workdir: pathli
   logger.info("wrote %s", path)
 
 
+# Longest scan or patient id that evaluation gathers across processes.
+ID_BYTES = 256
+
+
+def _gather_ids(ids: Any) -> np.ndarray:
+  """Return the text ids of a process-local batch in global batch order, as bytes."""
+  local = np.asarray([_as_bytes(value) for value in np.asarray(ids).reshape(-1)], dtype=object)
+  if jax.process_count() == 1:
+    return local.astype(bytes)
+  # Fixed-width uint8 rows, gathered process-major as the global batch is.
+  width = ID_BYTES
+  rows = np.zeros((len(local), width), np.uint8)
+  for index, value in enumerate(local):
+    if len(value) > width:
+      raise InputError(f"id {value[:40]!r}... is longer than {width} bytes")
+    rows[index, : len(value)] = np.frombuffer(value, np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+  return np.asarray([row.tobytes().rstrip(b"\0") for row in gathered]).astype(bytes)
+
+
+def _as_bytes(value: Any) -> bytes:
+  return value if isinstance(value, bytes) else str(value).encode()
+
+
 def collect(setup: Setup, state: Any, source: Any, folds: tuple[int, ...]) -> dict[str, np.ndarray]:
   """Run the eval step over `folds` and return the outputs of the real (valid) examples."""
   config = setup.config
@@ -365,12 +401,18 @@ def collect(setup: Setup, state: Any, source: Any, folds: tuple[int, ...]) -> di
       shard_index=jax.process_index(),
       shard_count=jax.process_count(),
       worker_count=0,
+      slice_buckets=config.data.get("slice_buckets"),
   )
   parts: dict[str, list[np.ndarray]] = {}
   for batch in dataset:
     outputs = setup.eval_step(state, model_batch(setup, batch))
     for key, value in outputs.items():
       parts.setdefault(key, []).append(np.asarray(value))
+    # Ids stay on the host beside the outputs, so stages can group slices
+    # into scans by id rather than by position.
+    for key in getattr(setup.stage, "host_keys", ()):
+      if key in batch:
+        parts.setdefault(key, []).append(_gather_ids(batch[key]))
   joined = {key: np.concatenate(values) for key, values in parts.items()}
   valid = joined.pop("valid").astype(bool)
   return {key: value[valid] for key, value in joined.items()}
@@ -474,12 +516,12 @@ def _export(
     workdir: pathlib.Path,
     output: pathlib.Path | None = None,
 ) -> pathlib.Path | None:
-  """Export the encoder of a stage that has one (`stage.encoder_path`).
+  """Export the encoder of a stage that has one (`stage.encoder_path` or `stage.encoder_arrays`).
 
   The export goes to `output`, by default WORKDIR/export/encoder.
   """
-  path = getattr(stages.get_stage(config.stage), "encoder_path", None)
-  if path is None:
+  stage = stages.get_stage(config.stage)
+  if not stages.exports_encoder(stage):
     return None
   manifest = {
       "stage": config.stage,
@@ -487,7 +529,17 @@ def _export(
       "workdir": str(pathlib.Path(workdir).absolute()),
       "model": config.model.to_dict(),
   }
-  arrays = {"params": state["params"][path], "extra": state["extra"].get(path, {})}
+  root_arrays = getattr(stage, "encoder_arrays", None)
+  if root_arrays is not None:
+    # An encoder at the model root: everything outside the head.
+    head_prefix = config.optim.head_prefix
+    arrays = {
+        "params": root_arrays(state["params"], head_prefix=head_prefix),
+        "extra": root_arrays(state["extra"], head_prefix=head_prefix),
+    }
+  else:
+    path = stage.encoder_path
+    arrays = {"params": state["params"][path], "extra": state["extra"].get(path, {})}
   output = output or pathlib.Path(workdir) / checkpoint_lib.ENCODER_EXPORT_DIR
   return checkpoint_lib.export_encoder(output, arrays, manifest)
 
@@ -504,10 +556,10 @@ def export_encoder(
   exports any saved step, to `output` (default: that same folder, replaced).
   """
   config = checkpoint_lib.load_config(workdir)
-  if getattr(stages.get_stage(config.stage), "encoder_path", None) is None:
+  if not stages.exports_encoder(stages.get_stage(config.stage)):
     pretraining = sorted(
         name for name in stages.STAGE_MODULES
-        if getattr(stages.get_stage(name), "encoder_path", None) is not None
+        if stages.exports_encoder(stages.get_stage(name))
     )
     raise InputError(
         f"{workdir} is a {config.stage!r} run; only runs of the stages {pretraining} export an"
@@ -597,15 +649,18 @@ def train(
     metrics = empty_metrics(setup)
     image_every = config.get("image_every", 0) if hasattr(setup.stage, "write_images") else 0
     images = picture_images(config, source, setup.folds) if image_every else None
-    step_fn = None
+    # One compiled step per batch shape: scan batches padded to slice buckets
+    # come in a few shapes.
+    compiled_steps = {}
     progress = writer_lib.Progress(config.num_steps, start)
     last_checked = start
     last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
     for step in range(start, last):
       batch = model_batch(setup, next(iterator))
-      if step_fn is None:
-        step_fn = compile_train_step(setup, state, metrics, batch)
-      state, metrics = step_fn(state, metrics, batch)
+      shapes = tuple(sorted((key, np.shape(value)) for key, value in batch.items()))
+      if shapes not in compiled_steps:
+        compiled_steps[shapes] = compile_train_step(setup, state, metrics, batch)
+      state, metrics = compiled_steps[shapes](state, metrics, batch)
       done = step + 1
       at_end = done == config.num_steps
       do_eval = done % config.eval_every == 0 or at_end
