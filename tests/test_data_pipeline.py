@@ -82,6 +82,23 @@ def test_flip_moves_image_mask_and_boxes():
     np.testing.assert_allclose(box, _mask_box(out["mask"], class_id), atol=1e-4)
 
 
+def test_flip_swaps_bleed_side_labels():
+  import uem_ich_jax
+
+  names = uem_ich_jax.CQ500_LABELS
+  labels = np.zeros(len(names), np.uint8)
+  labels[names.index("BleedLocation-Left")] = 1
+  labels[names.index("SDH")] = 1
+  example = dict(_asymmetric_example(), cq500_labels=labels)
+  flipped = augment.apply_augmentation(example, augment.AugmentParams(flip=True))["cq500_labels"]
+  assert flipped[names.index("BleedLocation-Right")] == 1
+  assert flipped[names.index("BleedLocation-Left")] == 0
+  assert flipped[names.index("SDH")] == 1
+  assert flipped.sum() == 2
+  rotated = augment.apply_augmentation(example, augment.AugmentParams(rotation_deg=10.0))
+  np.testing.assert_array_equal(rotated["cq500_labels"], labels)
+
+
 def test_rotation_and_scale_keep_boxes_around_mask():
   example = _asymmetric_example()
   params = augment.AugmentParams(flip=True, rotation_deg=20.0, scale=1.1)

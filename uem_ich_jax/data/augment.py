@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+import uem_ich_jax
+
 # Value warped in from outside the image: -1 is air (the lowest level) in
 # every window.
 _FILL_VALUE = -1.0
@@ -164,12 +166,26 @@ def adjust_intensity(image: np.ndarray, brightness: np.ndarray, contrast: np.nda
   return np.clip(adjusted, -1.0, 1.0).astype(np.float32)
 
 
+# Positions of BleedLocation-Left and -Right in `uem_ich_jax.CQ500_LABELS`.
+_SIDE_LABELS = (
+    uem_ich_jax.CQ500_LABELS.index("BleedLocation-Left"),
+    uem_ich_jax.CQ500_LABELS.index("BleedLocation-Right"),
+)
+
+
 def apply_augmentation(example: dict[str, Any], params: AugmentParams) -> dict[str, Any]:
   """Apply `params` to the `image`, `mask` and `boxes`/`box_classes` of an example.
 
-  Other features pass through unchanged; `mask` and `boxes` are optional.
+  A flip mirrors the patient, so the CQ500 bleed side labels swap. The
+  augmented image shows another patient in the same frame, so `affine` and
+  the other features pass through unchanged; `mask` and `boxes` are optional.
   """
   out = dict(example)
+  if params.flip and "cq500_labels" in example:
+    labels = np.array(example["cq500_labels"], copy=True)
+    left, right = _SIDE_LABELS
+    labels[..., [left, right]] = labels[..., [right, left]]
+    out["cq500_labels"] = labels
   image = np.asarray(example["image"], dtype=np.float32)
   rows, columns = image.shape[-3], image.shape[-2]
 
