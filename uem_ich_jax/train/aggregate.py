@@ -33,7 +33,7 @@ from flax import nnx
 import uem_ich_jax
 from uem_ich_jax.data import pipeline
 from uem_ich_jax.errors import InputError
-from uem_ich_jax.evaluate import metrics as metrics_lib
+from uem_ich_jax.train import classification
 from uem_ich_jax.train import losses
 from uem_ich_jax.train import stages
 
@@ -131,20 +131,9 @@ def build_model(model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
         f"config.model.name {model.name!r} has no scan model; the aggregator stage needs"
         " 'convnext_v2'"
     )
-  from uem_ich_jax.models import convnext_v2
   from uem_ich_jax.models import scan_model
 
-  try:
-    encoder_config = convnext_v2.ConvNeXtV2Config(
-        variant=model.variant,
-        head=None,
-        drop_path_rate=model.drop_path_rate,
-        coordinate_attention_stages=tuple(model.coordinate_attention_stages),
-        coordinate_attention_placement=model.get("coordinate_attention_placement", "outputs"),
-        dtype=jnp.dtype(model.dtype),
-    )
-  except (ValueError, TypeError) as error:
-    raise InputError(f"config.model does not describe a ConvNeXt-V2: {error}") from error
+  encoder_config = stages.encoder_config(model)
   aggregator = model.get("aggregator")
   aggregator = {} if aggregator is None else dict(aggregator.items())
   rngs = nnx.Rngs(params=seed, dropout=seed + 1)
@@ -243,33 +232,14 @@ def evaluate(
     config: ml_collections.ConfigDict,
 ) -> tuple[dict[str, float], dict[str, Any]]:
   """AUC per label of `outputs`; with `validation`, also F1, sensitivity and specificity at its thresholds."""
-  names = list(label_names(aggregator_setting(config, "label_set")))
-  labels, probabilities = outputs["labels"], outputs["probabilities"]
+  labels = outputs["labels"]
   if labels.shape[0] == 0:
     raise InputError("no valid scans to evaluate; the evaluated split is empty")
-  if validation is None:
-    result = metrics_lib.per_class_auc(labels, probabilities, names)
-    result["n"] = int(labels.shape[0])
-    scalars = {f"auc_{name}": value for name, value in result["per_class"].items()}
-    scalars["auc_macro"] = result["macro"]
-    scalars["auc_n_undefined"] = result["n_undefined"]
-  else:
-    result = metrics_lib.evaluate_classification(
-        labels,
-        probabilities,
-        validation["labels"],
-        validation["probabilities"],
-        names,
-        criterion=config.eval.threshold_criterion,
-    )
-    scalars = {f"auc_{name}": entry["auc"] for name, entry in result["classes"].items()}
-    scalars["auc_macro"] = result["auc"]["macro"]
-    scalars["auc_n_undefined"] = result["auc"]["n_undefined"]
-    for metric in ("f1", "sensitivity", "specificity"):
-      scalars[f"{metric}_macro"] = result["macro"][metric]
-  result["label_set"] = aggregator_setting(config, "label_set")
-  # An undefined metric is None in the JSON result; TensorBoard gets no point for it.
-  scalars = {key: float(value) for key, value in scalars.items() if value is not None}
+  label_set = aggregator_setting(config, "label_set")
+  scalars, result = classification.score_labels(
+      outputs, validation=validation, config=config, names=label_names(label_set)
+  )
+  result["label_set"] = label_set
   return scalars, result
 
 

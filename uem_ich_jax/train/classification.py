@@ -7,7 +7,7 @@ with `uem_ich_jax.evaluate.metrics`, thresholds chosen on a validation split.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ import uem_ich_jax
 from uem_ich_jax.errors import InputError
 from uem_ich_jax.evaluate import metrics as metrics_lib
 from uem_ich_jax.train import losses
+from uem_ich_jax.train import stages
 
 MODEL_NAMES = ("convnext_v2", "tiny_cnn")
 LOSS_KINDS = ("focal", "bce")
@@ -98,17 +99,7 @@ def build_model(model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
   if model.name == "convnext_v2":
     from uem_ich_jax.models import convnext_v2
 
-    try:
-      model_config = convnext_v2.ConvNeXtV2Config(
-          variant=model.variant,
-          num_classes=model.num_classes,
-          head=model.head,
-          drop_path_rate=model.drop_path_rate,
-          coordinate_attention_stages=tuple(model.coordinate_attention_stages),
-          dtype=jnp.dtype(model.dtype),
-      )
-    except (ValueError, TypeError) as error:
-      raise InputError(f"config.model does not describe a ConvNeXt-V2: {error}") from error
+    model_config = stages.encoder_config(model, head=model.head, num_classes=model.num_classes)
     return convnext_v2.ConvNeXtV2(model_config, rngs=rngs)
   raise InputError(f"config.model.name {model.name!r} is not one of {MODEL_NAMES}")
 
@@ -162,7 +153,18 @@ def evaluate(
     config: ml_collections.ConfigDict,
 ) -> tuple[dict[str, float], dict[str, Any]]:
   """AUC of `outputs`; with `validation`, also F1, sensitivity and specificity at its thresholds."""
-  names = list(uem_ich_jax.SLICE_LABELS)
+  return score_labels(outputs, validation=validation, config=config, names=uem_ich_jax.SLICE_LABELS)
+
+
+def score_labels(
+    outputs: Mapping[str, np.ndarray],
+    *,
+    validation: Mapping[str, np.ndarray] | None,
+    config: ml_collections.ConfigDict,
+    names: Sequence[str],
+) -> tuple[dict[str, float], dict[str, Any]]:
+  """Score multi-label `probabilities` against `labels` for the label `names`, as `evaluate` does."""
+  names = list(names)
   labels, probabilities = outputs["labels"], outputs["probabilities"]
   if validation is None:
     result = metrics_lib.per_class_auc(labels, probabilities, names)

@@ -153,20 +153,11 @@ def build_model(model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
     raise InputError(
         f"config.model.name {model.name!r} cannot train the multi-task stage; expected 'convnext_v2'"
     )
-  from uem_ich_jax.models import convnext_v2
   from uem_ich_jax.models import uem
 
   heads_fields = {name: model.get(name, default) for name, default in HEAD_DEFAULTS.items()}
+  encoder_config = stages.encoder_config(model, head=model.head, num_classes=model.num_classes)
   try:
-    encoder_config = convnext_v2.ConvNeXtV2Config(
-        variant=model.variant,
-        num_classes=model.num_classes,
-        head=model.head,
-        drop_path_rate=model.drop_path_rate,
-        coordinate_attention_stages=tuple(model.coordinate_attention_stages),
-        coordinate_attention_placement=model.get("coordinate_attention_placement", "outputs"),
-        dtype=jnp.dtype(model.dtype),
-    )
     heads = uem.HeadsConfig(**heads_fields)
   except (ValueError, TypeError) as error:
     raise InputError(f"config.model does not describe a multi-task ConvNeXt-V2: {error}") from error

@@ -28,6 +28,7 @@ from uem_ich_jax.models import glcm
 from uem_ich_jax.models import sparse
 from uem_ich_jax.models import spark
 from uem_ich_jax.train import losses
+from uem_ich_jax.train import stages
 
 # `config.ssl` fields and the values used where a config lacks them.
 SSL_DEFAULTS = {
@@ -95,19 +96,8 @@ def build_model(model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
     raise InputError(
         f"config.model.name {model.name!r} cannot be pretrained with SparK; expected 'convnext_v2'"
     )
-  from uem_ich_jax.models import convnext_v2
 
-  try:
-    encoder_config = convnext_v2.ConvNeXtV2Config(
-        variant=model.variant,
-        head=None,
-        drop_path_rate=model.drop_path_rate,
-        coordinate_attention_stages=tuple(model.coordinate_attention_stages),
-        coordinate_attention_placement=model.get("coordinate_attention_placement", "outputs"),
-        dtype=jnp.dtype(model.dtype),
-    )
-  except (ValueError, TypeError) as error:
-    raise InputError(f"config.model does not describe a ConvNeXt-V2: {error}") from error
+  encoder_config = stages.encoder_config(model)
   rngs = nnx.Rngs(params=seed, dropout=seed + 1, mask=seed + 2)
   return spark.SparK(
       encoder_config,

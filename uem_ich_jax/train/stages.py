@@ -93,6 +93,32 @@ def exports_encoder(stage: Stage) -> bool:
   )
 
 
+def encoder_config(
+    model: ml_collections.ConfigDict, *, head: str | None = None, num_classes: int | None = None
+) -> Any:
+  """Return the `ConvNeXtV2Config` that `config.model` describes, with the given head.
+
+  Raises:
+    InputError: when `config.model` does not describe a valid ConvNeXt-V2.
+  """
+  from uem_ich_jax.models import convnext_v2
+
+  options = dict(
+      variant=model.variant,
+      head=head,
+      drop_path_rate=model.drop_path_rate,
+      coordinate_attention_stages=tuple(model.coordinate_attention_stages),
+      coordinate_attention_placement=model.get("coordinate_attention_placement", "outputs"),
+      dtype=jax.numpy.dtype(model.dtype),
+  )
+  if num_classes is not None:
+    options["num_classes"] = num_classes
+  try:
+    return convnext_v2.ConvNeXtV2Config(**options)
+  except (ValueError, TypeError) as error:
+    raise InputError(f"config.model does not describe a ConvNeXt-V2: {error}") from error
+
+
 def get_stage(name: str) -> Stage:
   if name not in STAGE_MODULES:
     raise InputError(f"config.stage {name!r} is not a stage; the stages are {sorted(STAGE_MODULES)}")
