@@ -64,6 +64,14 @@ class SyntheticIchConfig(tfds.core.BuilderConfig):
   followup_every: int = 3
 
 
+# Size of the `*_curriculum` configs. It was chosen so that the SSL,
+# multi-task and aggregator stages train within an hour on 2 CPU cores (an
+# estimate from step times measured on a shared machine).
+CURRICULUM_SCANS = 200
+CURRICULUM_SLICES = 16
+CURRICULUM_IMAGE_SIZE = 96
+
+
 def _configs() -> list[SyntheticIchConfig]:
   configs = []
   for layout in (SLICES, SCANS):
@@ -82,6 +90,21 @@ def _configs() -> list[SyntheticIchConfig]:
             num_slices=32,
             image_size=256,
             description=f"{layout}: 400 scans x 32 slices x 256 px",
+        )
+    )
+    # The same patients, scans and folds in both layouts (plan_scans does not
+    # depend on the layout), for experiments/curriculum_synthetic.py.
+    configs.append(
+        SyntheticIchConfig(
+            name=f"{layout}_curriculum",
+            layout=layout,
+            num_scans=CURRICULUM_SCANS,
+            num_slices=CURRICULUM_SLICES,
+            image_size=CURRICULUM_IMAGE_SIZE,
+            description=(
+                f"{layout}: {CURRICULUM_SCANS} scans x {CURRICULUM_SLICES} slices x"
+                f" {CURRICULUM_IMAGE_SIZE} px, the curriculum experiment's data"
+            ),
         )
     )
   return configs

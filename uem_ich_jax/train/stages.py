@@ -34,6 +34,15 @@ class Stage(Protocol):
   """The per-stage part of training.
 
   `loss` and `eval_outputs` run inside `jax.jit`; the others run on the host.
+
+  Optional attributes the trainer reads when a stage has them:
+  `batch_keys_for(config)` replaces `batch_keys` when the fields depend on the
+  config; `optional_batch_keys` are passed when a batch has them;
+  `host_keys` are text fields collected beside the evaluation outputs;
+  `encoder_path` (the encoder's attribute) or `encoder_arrays` (for an encoder
+  at the model root) make the stage export its encoder; `check_config`
+  validates the config before anything compiles; `write_images` draws
+  pictures during training.
   """
 
   name: str
