@@ -214,13 +214,14 @@ def test_availability_flags_weight_tasks():
   assert float(flagged["classification"]) != pytest.approx(float(full["classification"]))
 
 
-def test_alternating_loss_picks_one_task_and_counts_steps():
+def test_alternating_loss_picks_one_task():
   config = _stage_config("alternating")
   model = _stub()
   picks = []
   for step in range(10):
     model.head_schedule.stream.key.set_value(jax.random.fold_in(jax.random.key(3), step))
-    value, outputs = multitask.loss(model, _batch(seed=step), config)
+    batch = dict(_batch(seed=step), step=jnp.asarray(step, jnp.int32))
+    value, outputs = multitask.loss(model, batch, config)
     w_seg, w_cls = multitask.ramp_weights(step, 10)
     np.testing.assert_allclose(float(outputs["weight_segmentation"]), float(w_seg), rtol=1e-6)
     if float(outputs["segmentation_steps"]):
@@ -229,7 +230,6 @@ def test_alternating_loss_picks_one_task_and_counts_steps():
       expected = w_cls * outputs["classification"]
     np.testing.assert_allclose(float(value), float(expected), rtol=1e-6)
     picks.append(float(outputs["segmentation_steps"]))
-  assert int(model.head_schedule.step.get_value()) == 10
   assert 0 < sum(picks) < 10
 
 
@@ -360,7 +360,7 @@ def test_encoder_sits_at_root_like_classification():
   multi = nnx.eval_shape(lambda: multitask.build_model(_model_config(), seed=0))
   single = nnx.eval_shape(lambda: classification.build_model(_model_config(), seed=0))
   _, multi_params, _, multi_extra = stages.split_model(multi)
-  _, single_params, _, _ = stages.split_model(single)
+  _, single_params, _, single_extra = stages.split_model(single)
   multi_flat = stages.flatten(multi_params)
   single_flat = stages.flatten(single_params)
   # Every classification-model parameter (encoder and head) has the same path and shape.
@@ -368,8 +368,9 @@ def test_encoder_sits_at_root_like_classification():
     assert multi_flat[name].shape == leaf.shape, name
   extra_names = set(multi_flat) - set(single_flat)
   assert extra_names and all(name.startswith("head_segmentation/") for name in extra_names)
-  # The schedule's step count is a head entry, so encoder exports leave it out.
-  assert "head_schedule/step" in stages.flatten(multi_extra)
+  # Statistics the multi-task model adds (its heads' BatchNorm) stay out of encoder exports.
+  added_extra = set(stages.flatten(multi_extra)) - set(stages.flatten(single_extra))
+  assert added_extra and all(name.startswith("head") for name in added_extra)
 
 
 def test_init_from_ssl_style_export():

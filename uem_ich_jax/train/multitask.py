@@ -124,22 +124,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # ------------------------------------------------------------------ Model ---
 
 
-class StepCount(nnx.Variable):
-  """Count of the training steps the loss has seen, which the alternating weight ramp reads."""
-
-
 class Schedule(nnx.Module):
-  """The step count and random stream of the task schedule, carried with the model.
-
-  The trainer hands the loss no step number, so the model counts its own
-  training steps (checkpointed with BatchNorm statistics, so a resumed run
-  continues the ramp). In a run that starts at step 0 the count equals the
-  trainer's step, because both count micro-steps. The stream draws the alternating schedule's coin, with a fresh key each
-  step from the trainer.
-  """
+  """The random stream that draws the alternating schedule's task, a fresh key each step."""
 
   def __init__(self, rngs: nnx.Rngs):
-    self.step = StepCount(jnp.zeros((), jnp.int32))
     self.stream = rngs["schedule"]
 
 
@@ -163,7 +151,7 @@ def build_model(model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
     raise InputError(f"config.model does not describe a multi-task ConvNeXt-V2: {error}") from error
   rngs = nnx.Rngs(params=seed, dropout=seed + 1, schedule=seed + 2)
   network = uem.UEM(encoder_config, heads, rngs=rngs)
-  # A "head" name keeps the schedule out of encoder exports.
+  # A "head" name keeps the schedule stream out of encoder exports.
   network.head_schedule = Schedule(rngs)
   network.eval()
   return network
@@ -269,7 +257,7 @@ def _detection_loss(
 def loss(
     model: nnx.Module, batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Compute the multi-task loss of one batch and advance the schedule's step count.
+  """Compute the multi-task loss of one batch; the alternating ramp reads `batch["step"]`.
 
   Rows with `valid` False do not count, and each task counts only the rows
   whose availability flag is set.
@@ -296,9 +284,8 @@ def loss(
   else:
     detection_loss = jnp.zeros((), jnp.float32)
 
-  schedule = model.head_schedule
-  step = schedule.step.get_value()
-  schedule.step.set_value(step + 1)
+  # Outside the trainer (tests, direct calls) a batch may lack the step.
+  step = batch.get("step", jnp.zeros((), jnp.int32))
   task_weights = setting(config, "weights")
   detection_weight = float(task_weights["detection"])
   if setting(config, "schedule") == "mixed":
@@ -318,7 +305,7 @@ def loss(
         end=tuple(setting(config, "ramp_end")),
     )
     is_segmentation = draw_segmentation_step(
-        schedule.stream(), float(setting(config, "segmentation_probability"))
+        model.head_schedule.stream(), float(setting(config, "segmentation_probability"))
     )
     # Both branches are computed and one is selected: the encoder pass is
     # shared, so only the unused head's work is wasted, and the gradient of

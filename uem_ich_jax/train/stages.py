@@ -57,7 +57,10 @@ class Stage(Protocol):
   def loss(
       self, model: nnx.Module, batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Return the float32 scalar loss and the outputs `train_metrics` reads."""
+    """Return the float32 scalar loss and the outputs `train_metrics` reads.
+
+    In training, `batch` also holds `step`, the int32 step number.
+    """
 
   def eval_outputs(
       self, model: nnx.Module, batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict

@@ -213,7 +213,8 @@ def build(
 
     def loss_fn(params):
       model = nnx.merge(train_graph, params, step_rngs(state["step"]), state["extra"])
-      loss, outputs = stage.loss(model, batch, config)
+      # The loss also sees the step, for schedules that change over the run.
+      loss, outputs = stage.loss(model, dict(batch, step=state["step"]), config)
       _, _, _, extra = stages.split_model(model)
       return loss, (outputs, extra)
 
