@@ -220,6 +220,10 @@ def test_stage_registered_with_label_keys(request):
         ({"aggregator.label_set": "rsna"}, "label_set 'rsna' is not one of"),
         ({"model.num_classes": 5}, "num_classes is 5 but label_set 'mbh' has 6 labels"),
         ({"optim.encoder_lr": 1e-4}, "freeze_encoder is True but config.optim.encoder_lr"),
+        (
+            {"aggregator.freeze_encoder": False, "optim.encoder_lr": 0.0},
+            "freeze_encoder is False but config.optim.encoder_lr is 0.0; set encoder_lr > 0",
+        ),
         ({"loss.kind": "hinge"}, "loss.kind 'hinge' is not one of"),
         ({"model.max_slices": 0}, "max_slices must be a positive integer"),
         ({"data.slice_buckets": (4, 16)}, r"slice_buckets \(4, 16\) exceeds"),

@@ -79,7 +79,7 @@ def fake_trainer(monkeypatch):
   fake = FakeTrainer()
   monkeypatch.setattr(trainer, "train", fake.train)
   monkeypatch.setattr(trainer, "evaluate", fake.evaluate)
-  monkeypatch.setattr(trainer, "_source", lambda config: _fake_source())
+  monkeypatch.setattr(trainer, "dataset_source", lambda config: _fake_source())
   return fake
 
 
@@ -183,16 +183,22 @@ def test_kfold_rejects_bad_fold_counts(request, tmp_path, fake_trainer, folds, m
 
 
 def test_kfold_rejects_dataset_with_fewer_folds(request, tmp_path, fake_trainer, monkeypatch):
-  monkeypatch.setattr(trainer, "_source", lambda config: [{"fold": k % 4} for k in range(40)])
+  monkeypatch.setattr(trainer, "dataset_source", lambda config: [{"fold": k % 4} for k in range(40)])
   with pytest.raises(kfold.KFoldError, match="fold 4 of dataset .* has no examples"):
     kfold.run_kfold(_config(request), tmp_path, folds=3)
+
+
+def test_kfold_rejects_unused_dataset_folds(request, tmp_path, fake_trainer):
+  config = _config(request, **{"data.num_folds": 3})
+  with pytest.raises(kfold.KFoldError, match="beyond config.data.num_folds = 3"):
+    kfold.run_kfold(config, tmp_path, folds=3)
 
 
 def test_kfold_without_probabilities_skips_plots(request, tmp_path, monkeypatch, caplog):
   fake = FakeTrainer(stage="ssl_pretrain")
   monkeypatch.setattr(trainer, "train", fake.train)
   monkeypatch.setattr(trainer, "evaluate", fake.evaluate)
-  monkeypatch.setattr(trainer, "_source", lambda config: _fake_source())
+  monkeypatch.setattr(trainer, "dataset_source", lambda config: _fake_source())
   with caplog.at_level(logging.INFO, logger="uem_ich_jax"):
     kfold.run_kfold(_config(request), tmp_path, folds=3)
   assert "no plots" in caplog.text

@@ -329,6 +329,80 @@ def test_check_config_rejects_bad_values():
   multitask.check_config(_stage_config())
 
 
+@pytest.mark.parametrize("classes", [0, 2, 3, 5, 7])
+def test_check_config_rejects_segmentation_classes(classes):
+  config = _stage_config()
+  config.model.segmentation_classes = classes
+  with pytest.raises(InputError, match=rf"segmentation_classes is {classes!r}; expected 6 .* or 1"):
+    multitask.check_config(config)
+
+
+@pytest.mark.parametrize("classes", [6, 1])
+def test_check_config_accepts_segmentation_classes(classes):
+  config = _stage_config()
+  config.model.segmentation_classes = classes
+  multitask.check_config(config)
+
+
+def test_check_config_rejects_label_and_box_classes():
+  config = _stage_config()
+  config.model.num_classes = 5
+  with pytest.raises(InputError, match="num_classes is 5, but slice labels have 6 columns"):
+    multitask.check_config(config)
+  config = _stage_config()
+  config.model.detection_classes = 3
+  with pytest.raises(InputError, match="detection_classes is 3, but box class ids"):
+    multitask.check_config(config)
+  config.model.detection_classes = 5
+  multitask.check_config(config)
+
+
+@pytest.mark.parametrize("detection", [False, True])
+def test_check_config_rejects_all_zero_mixed_weights(detection):
+  zero = {"classification": 0.0, "segmentation": 0.0, "detection": 0.0}
+  config = _stage_config(weights=zero, detection=detection)
+  config.model.detection = detection
+  with pytest.raises(InputError, match="weights of .* are all 0"):
+    multitask.check_config(config)
+
+
+def test_check_config_zero_detection_weight_counts_only_when_on():
+  weights = {"classification": 0.0, "segmentation": 0.0, "detection": 1.0}
+  # Detection off: its weight trains nothing.
+  with pytest.raises(InputError, match="are all 0"):
+    multitask.check_config(_stage_config(weights=weights))
+  config = _stage_config(weights=weights, detection=True)
+  config.model.detection = True
+  multitask.check_config(config)
+
+
+@pytest.mark.parametrize(
+    ("fields", "task"),
+    [
+        ({"ramp_start": (0.0, 0.2), "ramp_end": (0.0, 0.5)}, "segmentation"),
+        ({"ramp_start": (0.8, 0.0), "ramp_end": (0.5, 0.0)}, "classification"),
+        (
+            {"ramp_start": (0.8, 0.0), "ramp_end": (0.5, 0.0), "segmentation_probability": 0.0},
+            "classification",
+        ),
+    ],
+)
+def test_check_config_rejects_zero_ramp_of_drawn_task(fields, task):
+  config = _stage_config(schedule="alternating", **fields)
+  with pytest.raises(InputError, match=f"both give {task} weight 0"):
+    multitask.check_config(config)
+
+
+def test_check_config_accepts_zero_ramp_of_undrawn_task():
+  config = _stage_config(
+      schedule="alternating", ramp_start=(0.8, 0.0), ramp_end=(0.5, 0.0), segmentation_probability=1.0
+  )
+  multitask.check_config(config)
+  # One endpoint above 0 trains the task on every step but the last.
+  config = _stage_config(schedule="alternating", ramp_start=(0.8, 0.2), ramp_end=(0.0, 0.5))
+  multitask.check_config(config)
+
+
 # ---------------------------------------------------- Encoder layout ---
 
 

@@ -48,6 +48,18 @@ def smoke_run(request, data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_cli_evaluate_output_paths(smoke_run, capsys):
+  workdir = smoke_run[0]
+  assert cli.main(["evaluate", f"--workdir={workdir}", f"--output={workdir}"]) == 2
+  assert "is a folder" in capsys.readouterr().err
+  nested = workdir / "new" / "folder" / "result.json"
+  assert cli.main(["evaluate", f"--workdir={workdir}", f"--output={nested}"]) == 0
+  assert "auc_macro" in json.loads(capsys.readouterr().out)["headline"]
+  assert "auc_macro" in json.loads(nested.read_text())["headline"]
+  assert list(nested.parent.glob("predictions_step*_fold*.npz"))
+
+
+@pytest.mark.slow
 def test_cli_train_and_evaluate_smoke(smoke_run):
   workdir, train_rc, evaluate_rc = smoke_run
   assert train_rc == 0
@@ -68,7 +80,7 @@ def test_cli_train_and_evaluate_smoke(smoke_run):
   assert len(results) == 1
   result = json.loads(results[0].read_text())
   assert result["folds"] == {"train": [2, 3, 4], "validation": [1], "test": [0]}
-  source = trainer._source(saved)
+  source = trainer.dataset_source(saved)
   assert result["n_test"] == len(pipeline.fold_indices(source, [0]))
   assert result["n_validation"] == len(pipeline.fold_indices(source, [1]))
   assert set(result["classes"]) == {
@@ -101,7 +113,7 @@ def test_evaluate_counts_every_example_once(request, data_dir, tmp_path):
   config = _config(request, data_dir, **{"data.eval_batch_size": 6})
   setup = trainer.build(config)
   state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
-  source = trainer._source(config)
+  source = trainer.dataset_source(config)
   outputs = trainer.collect(setup, state, source, (0, 1))
   expected = [
       index for index in range(len(source)) if int(source[index]["fold"]) in (0, 1)
@@ -138,6 +150,20 @@ def test_stopped_and_resumed_run_equals_uninterrupted(request, data_dir, tmp_pat
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
+def test_non_finite_loss_message_without_checkpoint():
+  message = trainer.non_finite_loss_message(float("nan"), 3, 4, "/runs/a", None)
+  assert "became nan between steps 3 and 4" in message
+  assert "No checkpoint was saved in /runs/a yet" in message
+  assert "None" not in message
+
+
+def test_non_finite_loss_message_names_last_checkpoint():
+  message = trainer.non_finite_loss_message(float("inf"), 11, 20, "/runs/a", 10)
+  assert "became inf between steps 11 and 20" in message
+  assert "The last checkpoint in /runs/a is step 10." in message
+  assert "No checkpoint" not in message
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_message(request, data_dir, tmp_path, monkeypatch):
   real_loss = classification.loss
@@ -148,8 +174,10 @@ def test_non_finite_loss_stops_with_a_clear_message(request, data_dir, tmp_path,
 
   monkeypatch.setattr(classification._ClassificationStage, "loss", staticmethod(nan_loss))
   config = _config(request, data_dir, log_every=1)
-  with pytest.raises(trainer.NonFiniteLossError, match=r"became nan between steps 1 and 1"):
+  with pytest.raises(trainer.NonFiniteLossError, match=r"became nan between steps 1 and 1") as error:
     trainer.train(config, tmp_path)
+  assert "No checkpoint was saved" in str(error.value)
+  assert "step None" not in str(error.value)
   manager = checkpoint.CheckpointManager(tmp_path, read_only=True)
   assert manager.all_steps() == []
   manager.close()

@@ -53,7 +53,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return _evaluate_folds(args)
   result = trainer.evaluate(args.workdir, step=args.step, output=args.output)
   # The headline of each stage's result; the full result is in the JSON file.
-  keys = ("step", "folds", "n_test", "auc", "macro", "loss", "mse", "glcm")
+  keys = ("step", "folds", "n_test", "headline")
   summary = {key: result[key] for key in keys if key in result}
   json.dump(summary, sys.stdout, indent=2)
   sys.stdout.write("\n")

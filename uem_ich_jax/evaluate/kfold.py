@@ -129,7 +129,7 @@ def check_dataset_folds(config: ml_collections.ConfigDict) -> None:
 
   NOTE: a dataset without `fold_ranges` in its metadata is read once per fold here.
   """
-  source = trainer._source(config)
+  source = trainer.dataset_source(config)
   dataset_folds = config.data.num_folds
   for fold in range(dataset_folds):
     if pipeline.fold_indices(source, [fold]).size == 0:
@@ -140,9 +140,12 @@ def check_dataset_folds(config: ml_collections.ConfigDict) -> None:
       )
   used = pipeline.fold_indices(source, range(dataset_folds)).size
   if used < len(source):
-    logger.warning(
-        "%d of %d examples of %s lie in folds beyond config.data.num_folds = %d and are never used",
-        len(source) - used, len(source), config.data.name, dataset_folds,
+    # Training on fewer folds than the dataset has would leave patients unused
+    # and misstate the fold sizes in the results.
+    raise KFoldError(
+        f"{len(source) - used} of {len(source)} examples of {config.data.name} lie in folds"
+        f" beyond config.data.num_folds = {dataset_folds}; set config.data.num_folds to the"
+        " number of folds the dataset was built with (choose fewer test folds with --folds)"
     )
 
 
@@ -303,7 +306,8 @@ def run_kfold(
 
 def _fold_metrics(result: Mapping[str, Any]) -> dict[str, Any]:
   """Return the metrics of one fold's result, without the run's bookkeeping."""
-  return {key: value for key, value in result.items() if key not in ("workdir", "step", "folds")}
+  bookkeeping = ("workdir", "step", "folds", "headline")
+  return {key: value for key, value in result.items() if key not in bookkeeping}
 
 
 def _predictions(run: FoldRun, result: Mapping[str, Any]) -> dict[str, np.ndarray] | None:

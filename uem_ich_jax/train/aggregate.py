@@ -98,6 +98,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f" {config.optim.encoder_lr}; set encoder_lr to 0, because AdamW's weight decay would"
         " otherwise move the frozen encoder"
     )
+  if not freeze and not config.optim.encoder_lr > 0:
+    # With encoder_lr 0 the weights stay put, yet the encoder runs in training
+    # mode, so the BatchNorm statistics of its coordinate attention still drift.
+    raise InputError(
+        f"config.aggregator.freeze_encoder is False but config.optim.encoder_lr is"
+        f" {config.optim.encoder_lr}; set encoder_lr > 0 to fine-tune the encoder, or set"
+        " freeze_encoder to True to keep it fixed"
+    )
   if freeze and str(config.get("init_from", "")) == "random":
     logger.warning(
         "config.aggregator.freeze_encoder is True and config.init_from is 'random': the"

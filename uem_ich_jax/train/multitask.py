@@ -27,6 +27,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 from flax import nnx
 
+import uem_ich_jax
 from uem_ich_jax.errors import InputError
 from uem_ich_jax.evaluate import segmentation as segmentation_metrics
 from uem_ich_jax.train import classification
@@ -85,7 +86,7 @@ def setting(config: ml_collections.ConfigDict | None, name: str) -> Any:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Reject `config.multitask` values that cannot train, before anything is compiled."""
+  """Reject `config.multitask` values and `config.model` head sizes that cannot train, before compiling."""
   schedule = setting(config, "schedule")
   if schedule not in SCHEDULES:
     raise InputError(f"config.multitask.schedule {schedule!r} is not one of {SCHEDULES}")
@@ -118,6 +119,67 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"config.multitask.detection ({setting(config, 'detection')}) and config.model.detection"
         f" ({config.model.get('detection', False)}) differ; the model needs the detection head"
         " exactly when its loss is on"
+    )
+  _check_task_weights(config)
+  _check_model_classes(config.model)
+
+
+def _check_task_weights(config: ml_collections.ConfigDict) -> None:
+  """Reject schedules in which no task loss has a nonzero weight, which would train on loss 0."""
+  weights = setting(config, "weights")
+  detection = bool(setting(config, "detection"))
+  if setting(config, "schedule") == "mixed":
+    tasks = ("classification", "segmentation") + (("detection",) if detection else ())
+    if all(weights[task] == 0 for task in tasks):
+      raise InputError(
+          f"config.multitask.weights of {list(tasks)} are all 0, so the mixed schedule would"
+          " train on a loss of 0; give at least one of them a weight > 0"
+      )
+    return
+
+  # Alternating: a step trains segmentation (with detection) or classification
+  # only, so a task that is drawn needs a ramp weight above 0 at some step.
+  start, end = tuple(setting(config, "ramp_start")), tuple(setting(config, "ramp_end"))
+  probability = setting(config, "segmentation_probability")
+  drawn = {"segmentation": probability > 0, "classification": probability < 1}
+  for index, task in enumerate(("segmentation", "classification")):
+    if drawn[task] and start[index] == 0 and end[index] == 0:
+      raise InputError(
+          f"config.multitask.ramp_start and ramp_end both give {task} weight 0, but the"
+          f" alternating schedule draws {task} steps (segmentation_probability {probability}),"
+          f" which would train on a loss of 0; set a {task} weight > 0 or set"
+          f" segmentation_probability to {1.0 if task == 'classification' else 0.0}"
+      )
+
+
+def _check_model_classes(model: ml_collections.ConfigDict) -> None:
+  """Reject head sizes that do not fit the labels, mask ids and box classes of the batches."""
+  segmentation_classes = model.get("segmentation_classes", HEAD_DEFAULTS["segmentation_classes"])
+  # Mask ids are 0 (background) to 5 (the BHSD subtype ids), so a head with
+  # fewer classes sees ids outside its softmax and the loss becomes NaN.
+  multiclass = len(uem_ich_jax.SUBTYPES) + 1
+  is_integer = isinstance(segmentation_classes, int) and not isinstance(segmentation_classes, bool)
+  if not is_integer or segmentation_classes not in (multiclass, 1):
+    raise InputError(
+        f"config.model.segmentation_classes is {segmentation_classes!r}; expected {multiclass}"
+        f" (background + the {len(uem_ich_jax.SUBTYPES)} subtype ids of the masks) or 1 (binary"
+        " foreground)"
+    )
+  num_classes = model.get("num_classes", len(uem_ich_jax.SLICE_LABELS))
+  if num_classes != len(uem_ich_jax.SLICE_LABELS):
+    raise InputError(
+        f"config.model.num_classes is {num_classes!r}, but slice labels have"
+        f" {len(uem_ich_jax.SLICE_LABELS)} columns {uem_ich_jax.SLICE_LABELS}; set it to"
+        f" {len(uem_ich_jax.SLICE_LABELS)}"
+    )
+  # `build_model` never passes detection_classes on: the FCOS head always has
+  # one output per subtype, because box class ids are 1 to 5.
+  detection_classes = model.get("detection_classes")
+  if detection_classes is not None and detection_classes != len(uem_ich_jax.SUBTYPES):
+    raise InputError(
+        f"config.model.detection_classes is {detection_classes!r}, but box class ids are the"
+        f" {len(uem_ich_jax.SUBTYPES)} subtypes; remove the field or set it to"
+        f" {len(uem_ich_jax.SUBTYPES)}"
     )
 
 

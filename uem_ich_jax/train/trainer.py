@@ -52,6 +52,21 @@ class NonFiniteLossError(RuntimeError):
   """Training stopped because the loss became NaN or infinite."""
 
 
+def non_finite_loss_message(
+    loss: float, first_step: int, last_step: int, directory: Any, latest_step: int | None
+) -> str:
+  """Return the message of `NonFiniteLossError`, naming the checkpoint to resume from if any."""
+  if latest_step is None:
+    saved = f"No checkpoint was saved in {directory} yet, so a rerun starts from step 0."
+  else:
+    saved = f"The last checkpoint in {directory} is step {latest_step}."
+  return (
+      f"the training loss became {loss} between steps {first_step} and {last_step}; stopped"
+      f" without saving this state. {saved} Lower the learning rate, check the input, or turn on"
+      " gradient clipping (config.optim.clip_norm)."
+  )
+
+
 OptimizerMetrics = clu_metrics.Collection.create(
     grad_norm=clu_metrics.Average.from_output("grad_norm")
 )
@@ -310,7 +325,7 @@ def compile_train_step(setup: Setup, state: Any, metrics: Any, batch: Mapping[st
 # ------------------------------------------------------------------ Input ---
 
 
-def _source(config: ml_collections.ConfigDict):
+def dataset_source(config: ml_collections.ConfigDict):
   try:
     return pipeline.load_source(
         config.data.name, split=config.data.split, data_dir=config.data.data_dir or None
@@ -425,6 +440,22 @@ def collect(setup: Setup, state: Any, source: Any, folds: tuple[int, ...]) -> di
 RANDOM_INIT = "random"
 
 
+def _encoder_export_hint(source_dir: pathlib.Path) -> str | None:
+  """Return a hint to use the encoder export of `source_dir`, or None if its stage exports none."""
+  try:
+    stage = stages.get_stage(checkpoint_lib.load_config(source_dir).stage)
+  except (InputError, AttributeError):
+    return None
+  if not stages.exports_encoder(stage):
+    return None
+  export = source_dir / checkpoint_lib.ENCODER_EXPORT_DIR
+  return (
+      f"{source_dir} is the work directory of a {stage.name} run, whose checkpoints hold its"
+      f" whole model; to start from its encoder, use WORKDIR/{checkpoint_lib.ENCODER_EXPORT_DIR}"
+      f" ({export}) as config.init_from"
+  )
+
+
 def _initialise(setup: Setup) -> Any:
   """Fresh state, built under jit straight into its shardings, then `init_from` unless random.
 
@@ -484,12 +515,18 @@ def _initialise(setup: Setup) -> Any:
     arrays = manager.restore_arrays(step)
     manager.close()
     name = f"init_from {source_dir} step {step}"
-    params, copied = stages.copy_matching(
-        state["params"],
-        arrays["params"],
-        prefixes=tuple(config.init_from_prefixes),
-        source_name=name,
-    )
+    try:
+      params, copied = stages.copy_matching(
+          state["params"],
+          arrays["params"],
+          prefixes=tuple(config.init_from_prefixes),
+          source_name=name,
+      )
+    except InputError as error:
+      hint = _encoder_export_hint(source_dir)
+      if hint is None:
+        raise
+      raise InputError(f"{error}. {hint}") from error
     extra = state["extra"]
 
   # Copied arrays go straight to their shards, so no device stores a whole
@@ -623,7 +660,7 @@ def train(
   setup = build(config)
   _warn_on_changed_config(workdir, config)
   checkpoint_lib.save_config(workdir, config)
-  source = _source(config)
+  source = dataset_source(config)
   iterator = train_iterator(config, source, setup.folds)
   manager = checkpoint_lib.CheckpointManager(
       workdir,
@@ -672,10 +709,9 @@ def train(
         scalars = _host_scalars(metrics)
         if not np.isfinite(scalars["loss"]):
           raise NonFiniteLossError(
-              f"the training loss became {scalars['loss']} between steps {last_checked + 1} and"
-              f" {done}; stopped without saving this state. The last checkpoint in"
-              f" {manager.directory} is step {manager.latest_step()}. Lower the learning rate,"
-              " check the input, or turn on gradient clipping (config.optim.clip_norm)."
+              non_finite_loss_message(
+                  scalars["loss"], last_checked + 1, done, manager.directory, manager.latest_step()
+              )
           )
         update = done // config.optim.accumulate_steps
         for name, schedule in setup.schedules.items():
@@ -742,6 +778,14 @@ def evaluate(
   `probabilities` and `labels`), written before the JSON, so a result JSON
   always has its predictions.
   """
+  if output is not None:
+    output = pathlib.Path(output)
+    if output.is_dir():
+      raise InputError(
+          f"output {output} is a folder; give a file name such as {output / 'eval.json'}"
+      )
+    # Checked before anything is computed, so a bad path costs nothing.
+    output.parent.mkdir(parents=True, exist_ok=True)
   config = checkpoint_lib.load_config(workdir)
   mesh_lib.maybe_initialize_distributed(config.distributed)
   try:
@@ -759,14 +803,16 @@ def evaluate(
     state = manager.restore(step, setup.abstract_state)
   finally:
     manager.close()
-  source = _source(config)
+  source = dataset_source(config)
   validation = collect(setup, state, source, setup.folds.validation)
   test = collect(setup, state, source, setup.folds.test)
-  _, result = setup.stage.evaluate(test, validation=validation, config=config)
+  scalars, result = setup.stage.evaluate(test, validation=validation, config=config)
   result = {
       "workdir": str(workdir),
       "step": step,
       "folds": dataclasses.asdict(setup.folds),
+      # The stage's main figures, which `uem-ich evaluate` prints.
+      "headline": scalars,
       **result,
   }
   path = pathlib.Path(
