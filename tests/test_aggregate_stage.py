@@ -542,6 +542,34 @@ def test_init_from_ssl_style_export(request, data_dir, tmp_path):
     np.testing.assert_array_equal(stages.flatten(state["extra"])[name], value, err_msg=name)
 
 
+def _fake_run(workdir, stage: str, arrays: dict) -> None:
+  """Write a work directory with the config of `stage` and one checkpoint of `arrays`."""
+  checkpoint.save_config(workdir, ml_collections.ConfigDict({"stage": stage}))
+  manager = checkpoint.CheckpointManager(workdir)
+  manager.save(1, arrays)
+  manager.close()
+
+
+def test_init_from_ssl_work_directory_names_export(request, data_dir, tmp_path):
+  ssl_model = ssl.build_model(_ssl_model_config(), seed=7)
+  _, params, _, extra = stages.split_model(ssl_model)
+  _fake_run(tmp_path / "ssl", "ssl_pretrain", {"params": params, "extra": extra})
+  _fake_run(tmp_path / "classification", "classification", {"params": params, "extra": extra})
+  config = _run_config(request, data_dir, init_from=str(tmp_path / "ssl"))
+  setup = trainer.build(config)
+  with pytest.raises(InputError, match="missing") as error:
+    trainer._initialise(setup)
+  assert "work directory of a ssl_pretrain run" in str(error.value)
+  assert f"use WORKDIR/export/encoder ({tmp_path / 'ssl' / 'export' / 'encoder'})" in str(
+      error.value
+  )
+  # A stage without an encoder export gets the plain error.
+  setup.config.init_from = str(tmp_path / "classification")
+  with pytest.raises(InputError, match="missing") as error:
+    trainer._initialise(setup)
+  assert "export/encoder" not in str(error.value)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not STAGE_BATCH_KEYS, reason="the trainer passes neither cq500_labels nor slice buckets yet"
