@@ -559,7 +559,7 @@ def test_init_from_ssl_work_directory_names_export(request, data_dir, tmp_path):
   setup = trainer.build(config)
   with pytest.raises(InputError, match="missing") as error:
     trainer._initialise(setup)
-  assert "work directory of a ssl_pretrain run" in str(error.value)
+  assert "work directory of a 'ssl_pretrain' run" in str(error.value)
   assert f"use WORKDIR/export/encoder ({tmp_path / 'ssl' / 'export' / 'encoder'})" in str(
       error.value
   )

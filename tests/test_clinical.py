@@ -153,6 +153,65 @@ def test_bleed_side_given_midline():
     )
 
 
+@pytest.mark.parametrize("min_side_ml", [float("nan"), float("inf"), -0.1])
+def test_bleed_side_rejects_bad_min_side_ml(min_side_ml):
+  mask, volume = _side_case(+1.0)
+  with pytest.raises(InputError, match="min_side_ml must be a finite number >= 0"):
+    clinical.bleed_side(mask, volume, min_side_ml=min_side_ml)
+  with pytest.raises(InputError, match="min_side_ml must be a finite number >= 0"):
+    clinical.side_from_ml(1.0, 1.0, min_side_ml)
+
+
+def test_side_from_ml_rejects_bad_volumes():
+  with pytest.raises(InputError, match="left_ml must be a finite number >= 0"):
+    clinical.side_from_ml(float("nan"), 1.0)
+  with pytest.raises(InputError, match="right_ml must be a finite number >= 0"):
+    clinical.side_from_ml(1.0, -1.0)
+  assert clinical.side_from_ml(0.0, 0.0, 0.0) == "bilateral"
+
+
+def _with_geometry(volume: CTVolume, *, affine=None, positions=None, spacing=None) -> CTVolume:
+  return CTVolume(
+      hu=volume.hu,
+      positions=volume.positions if positions is None else positions,
+      affine=volume.affine if affine is None else affine,
+      spacing=volume.spacing if spacing is None else spacing,
+  )
+
+
+def test_non_finite_geometry_raises():
+  mask, volume = _side_case(+1.0)
+  for row, column in [(0, 1), (1, 2), (2, 3)]:
+    affine = volume.affine.copy()
+    affine[row, column] = np.nan
+    bad = _with_geometry(volume, affine=affine)
+    with pytest.raises(InputError, match="affine contains non-finite values"):
+      clinical.hematoma_ml(mask, bad)
+    with pytest.raises(InputError, match="affine contains non-finite values"):
+      clinical.bleed_side(mask, bad)
+  positions = volume.positions.copy()
+  positions[2, 0] = np.inf
+  with pytest.raises(InputError, match=r"positions of slices \[2\] are not finite"):
+    clinical.hematoma_ml(mask, _with_geometry(volume, positions=positions))
+  flat = volume.affine.copy()
+  flat[:3, 2] = 0.0
+  with pytest.raises(InputError, match="span no area"):
+    clinical.voxel_volume_ml(_with_geometry(volume, affine=flat))
+  single = _with_geometry(
+      _volume(_head(1), [[0.0, 0.0, 0.0]], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]),
+      spacing=(np.nan, 1.0, 1.0),
+  )
+  with pytest.raises(InputError, match=r"spacing\[0\] is nan"):
+    clinical.hematoma_ml(np.zeros(single.shape, np.uint8), single)
+
+
+def test_non_finite_midline_point_raises():
+  mask, volume = _side_case(+1.0)
+  midline = clinical.Midline(point_mm=np.array([np.nan, 0.0, 0.0]), normal=np.eye(3)[0])
+  with pytest.raises(InputError, match="point_mm contains non-finite values"):
+    clinical.bleed_side(mask, volume, midline=midline)
+
+
 def test_bleed_side_without_head_raises():
   mask, volume = _side_case(+1.0)
   empty = CTVolume(

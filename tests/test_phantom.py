@@ -14,7 +14,7 @@ from uem_ich_jax import CQ500_LABELS, MASK_CLASS_IDS, SLICE_LABELS, SUBTYPES
 from uem_ich_jax.ct.dicom import read_dicom_series
 from uem_ich_jax.ct.nifti import read_nifti, read_nifti_pair
 from uem_ich_jax.errors import InputError
-from uem_ich_jax.phantom import PhantomScan, generate_scan, write_dicom, write_nifti
+from uem_ich_jax.phantom import PhantomScan, findings, generate_scan, write_dicom, write_nifti
 
 # A small grid with room for every subtype, so most tests stay fast.
 SMALL = dict(shape=(16, 128, 128), spacing_mm=(8.0, 1.8, 1.8))
@@ -598,6 +598,45 @@ def test_forced_finding_errors():
   # Four slices around the ventricles reach neither the skull base nor the face.
   with pytest.raises(InputError, match="cannot place"):
     generate_scan(0, (4, 64, 64), spacing_mm=(5.0, 3.4, 3.4), subtypes=(), fracture="other")
+
+
+def test_forced_chronic_covered_by_acute_blood_raises():
+  # On this grid the drawn acute bleeds cover every voxel of the collection.
+  with pytest.raises(InputError, match="chronic subdural collection is covered by acute blood"):
+    generate_scan(1, (1, 8, 8), chronic=True)
+  scan = generate_scan(1, (1, 8, 8), chronic=True, subtypes=())
+  assert scan.chronic_ml > 0.0
+  assert scan.scan_labels["ChronicBleed"] == 1
+
+
+def _fracture_in_blood(blood: np.ndarray):
+  """A fracture maker whose whole-voxel gap is exactly the voxels of `blood`."""
+
+  def make(rng, grid, head):
+    box = tuple(slice(0, n) for n in blood.shape)
+    return findings.Fracture(
+        kind="calvarial", box=box, fraction=blood.astype(np.float32), fill_hu=40.0, gap_mm=2.0
+    )
+
+  return make
+
+
+def test_fracture_hidden_by_blood(monkeypatch):
+  # Seed 7 draws bleeds and a calvarial fracture on this grid. The fake gap
+  # covers exactly the blood, which the painting keeps out of any gap, and
+  # the fracture is placed after the mask is final, so the mask is known.
+  forced_blood = generate_scan(7, fracture="none", **TINY).mask > 0
+  drawn_blood = generate_scan(7, **TINY).mask > 0
+  assert generate_scan(7, **TINY).fracture == "calvarial"
+  assert forced_blood.any() and drawn_blood.any()
+  monkeypatch.setitem(findings.FRACTURE_MAKERS, "calvarial", _fracture_in_blood(forced_blood))
+  with pytest.raises(InputError, match="fracture gap lies wholly in blood"):
+    generate_scan(7, fracture="calvarial", **TINY)
+  monkeypatch.setitem(findings.FRACTURE_MAKERS, "calvarial", _fracture_in_blood(drawn_blood))
+  drawn = generate_scan(7, **TINY)
+  assert drawn.fracture == "none"
+  assert drawn.scan_labels["Fracture"] == 0
+  assert not drawn.fracture_mask.any()
 
 
 def test_midline_shift_carries_ventricular_blood():

@@ -76,6 +76,40 @@ def _check_mask(mask: np.ndarray, volume: CTVolume) -> np.ndarray:
   return mask
 
 
+def _check_geometry(volume: CTVolume) -> None:
+  """Reject an affine or slice positions that would turn every volume into NaN or 0 mL."""
+  affine = np.asarray(volume.affine, np.float64)
+  if not np.all(np.isfinite(affine)):
+    raise InputError(
+        f"volume.affine contains non-finite values {affine.tolist()}; fix the scan's"
+        " orientation and spacing metadata"
+    )
+  positions = np.asarray(volume.positions, np.float64)
+  if not np.all(np.isfinite(positions)):
+    bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    raise InputError(
+        f"volume.positions of slices {bad[:5].tolist()} are not finite; fix the scan's slice"
+        " positions"
+    )
+  spacing = np.asarray(volume.spacing, np.float64)
+  if volume.num_slices == 1 and not (np.isfinite(spacing[0]) and spacing[0] > 0):
+    raise InputError(
+        f"volume.spacing[0] is {spacing[0]}, but a single slice takes its thickness from it;"
+        " expected a finite spacing > 0 mm"
+    )
+  area = np.linalg.norm(np.cross(affine[:3, 1], affine[:3, 2]))
+  if area == 0:
+    raise InputError(
+        f"the affine's row and column steps {affine[:3, 1].tolist()} and"
+        f" {affine[:3, 2].tolist()} span no area, so a pixel has no size"
+    )
+
+
+def _check_min_side_ml(min_side_ml: float) -> None:
+  if isinstance(min_side_ml, bool) or not np.isfinite(min_side_ml) or min_side_ml < 0:
+    raise InputError(f"min_side_ml must be a finite number >= 0 mL, got {min_side_ml!r}")
+
+
 def pixel_area_mm2(volume: CTVolume) -> float:
   """In-plane pixel area, mm^2: the parallelogram of the affine's row and column steps."""
   row_step = np.asarray(volume.affine, np.float64)[:3, 1]
@@ -112,7 +146,13 @@ def slab_thickness_mm(volume: CTVolume) -> np.ndarray:
 
 
 def voxel_volume_ml(volume: CTVolume) -> np.ndarray:
-  """(slice,) volume of one voxel of each slice, mL."""
+  """(slice,) volume of one voxel of each slice, mL.
+
+  Raises:
+    InputError: a non-finite affine or slice position, a pixel of no area, or
+      two slices at the same position.
+  """
+  _check_geometry(volume)
   return pixel_area_mm2(volume) * slab_thickness_mm(volume) / 1000.0
 
 
@@ -128,7 +168,8 @@ def hematoma_ml(mask: np.ndarray, volume: CTVolume) -> dict[str, float]:
 
   Raises:
     InputError: mask shape differs from the volume's, the mask is not integer,
-      a class id lies outside 0..5, or two slices share a position.
+      a class id lies outside 0..5, or the geometry is invalid (see
+      `voxel_volume_ml`).
   """
   mask = _check_mask(mask, volume)
   per_slice = voxel_volume_ml(volume)
@@ -224,11 +265,21 @@ def _check_midline(midline: Midline, volume: CTVolume) -> tuple[np.ndarray, np.n
     raise InputError(
         f"midline.point_mm must be (3,) or ({volume.num_slices}, 3), got {point.shape}"
     )
+  if not np.all(np.isfinite(point)):
+    raise InputError("midline.point_mm contains non-finite values; expected finite LPS mm")
   return point, normal
 
 
 def side_from_ml(left_ml: float, right_ml: float, min_side_ml: float = MIN_SIDE_ML) -> str:
-  """'left', 'right', 'bilateral' or 'none': the sides holding at least `min_side_ml`."""
+  """'left', 'right', 'bilateral' or 'none': the sides holding at least `min_side_ml`.
+
+  Raises:
+    InputError: a side's mL or `min_side_ml` that is not a finite number >= 0.
+  """
+  _check_min_side_ml(min_side_ml)
+  for name, value in (("left_ml", left_ml), ("right_ml", right_ml)):
+    if not np.isfinite(value) or value < 0:
+      raise InputError(f"{name} must be a finite number >= 0 mL, got {value!r}")
   left, right = left_ml >= min_side_ml, right_ml >= min_side_ml
   if left and right:
     return "bilateral"
@@ -265,12 +316,13 @@ def bleed_side(
     "midline": the `Midline` used}.
 
   Raises:
-    InputError: a bad mask (see `hematoma_ml`), a midline that is not a
-      midsagittal plane, or no head to estimate the midline from.
+    InputError: a bad mask or geometry (see `hematoma_ml`), a `min_side_ml`
+      that is not a finite number >= 0, a midline that is not a midsagittal
+      plane, or no head to estimate the midline from.
   """
   mask = _check_mask(mask, volume)
-  if min_side_ml < 0:
-    raise InputError(f"min_side_ml must be non-negative, got {min_side_ml}")
+  _check_min_side_ml(min_side_ml)
+  _check_geometry(volume)
   if midline is None:
     midline = estimate_midline(volume)
   points, normal = _check_midline(midline, volume)

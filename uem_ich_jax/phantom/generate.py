@@ -553,6 +553,12 @@ def generate_scan(
     if chronic_core is not None:
       # Acute blood over a chronic collection is acute.
       chronic_core[bleed.box][bleed.core] = False
+  if chronic and not chronic_core.any():
+    # Acute bleeds drawn on a small grid can cover the whole collection.
+    raise InputError(
+        "the forced chronic subdural collection is covered by acute blood on this grid, so no"
+        " voxel of it shows; use more slices, a larger field of view or subtypes=()"
+    )
   # A later bleed's edema or edge ramp may have lowered an earlier bleed's
   # blood, so every mask voxel gets back the density of the bleed it belongs to.
   bleeding = mask > 0
@@ -562,6 +568,13 @@ def generate_scan(
   if fracture_found is not None:
     # The gap stays out of the blood, so every mask voxel keeps its density.
     fraction = fracture_found.fraction * ~bleeding[fracture_found.box]
+    if not (fraction >= 1.0).any():
+      message = f"the {plan.fracture} fracture gap lies wholly in blood on this grid, so it cannot show"
+      if fracture is not None:
+        raise InputError(f"{message}; use more slices or a larger field of view")
+      logger.info("seed %d: %s; it is left out", seed, message)
+      fracture_found = None
+  if fracture_found is not None:
     region = hu[fracture_found.box]
     region += fraction * (np.float32(fracture_found.fill_hu) - region)
     fracture_mask[fracture_found.box] = fraction >= 1.0

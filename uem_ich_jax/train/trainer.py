@@ -450,7 +450,7 @@ def _encoder_export_hint(source_dir: pathlib.Path) -> str | None:
     return None
   export = source_dir / checkpoint_lib.ENCODER_EXPORT_DIR
   return (
-      f"{source_dir} is the work directory of a {stage.name} run, whose checkpoints hold its"
+      f"{source_dir} is the work directory of a {stage.name!r} run, whose checkpoints hold its"
       f" whole model; to start from its encoder, use WORKDIR/{checkpoint_lib.ENCODER_EXPORT_DIR}"
       f" ({export}) as config.init_from"
   )
