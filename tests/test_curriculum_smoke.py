@@ -39,7 +39,7 @@ def test_curriculum_layouts_share_plan():
   assert builder_module.plan_scans(slices) == builder_module.plan_scans(scans)
 
 
-@pytest.mark.slow  # about 4 minutes on 2 CPU cores, nearly all of it compiling three stages
+@pytest.mark.slow  # 4 to 6 minutes on 2 shared CPU cores, most of it compiling three stages
 def test_driver_writes_results_table(tmp_path):
   driver = _driver()
   workdir = tmp_path / "curriculum"
