@@ -579,7 +579,7 @@ def test_cq500_run_on_scans_of_mixed_length(request, data_dir, tmp_path, monkeyp
   source = ScanSource(
       [_scan(index, length, fold=index % 5, cq500=True) for index, length in enumerate(lengths)]
   )
-  monkeypatch.setattr(trainer, "_source", lambda config: source)
+  monkeypatch.setattr(trainer, "dataset_source", lambda config: source)
   config = _run_config(
       request,
       data_dir,
