@@ -154,6 +154,19 @@ def _mean_defined(values: Sequence[float | None]) -> float | None:
 # ---------------------------------------------------------------------------
 
 
+def _check_scores(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Return 0/1 labels and float64 scores, both 1-D of one length, scores finite."""
+  labels = _check_labels(labels, "labels")
+  scores = np.asarray(scores, dtype=np.float64)
+  if labels.shape != scores.shape or labels.ndim != 1:
+    raise MetricInputError(
+        f"labels and scores must be 1-D of one length, got {labels.shape} and {scores.shape}"
+    )
+  if not np.all(np.isfinite(scores)):
+    raise MetricInputError("scores must be finite")
+  return labels, scores
+
+
 def roc_auc(labels: Any, scores: Any) -> float | None:
   """Return the exact ROC AUC of one binary problem, None without positives or negatives.
 
@@ -163,14 +176,7 @@ def roc_auc(labels: Any, scores: Any) -> float | None:
   scikit-learn 1.9 in tests/test_metrics.py). Scores need not be
   probabilities, but they must be finite.
   """
-  labels = _check_labels(labels, "labels")
-  scores = np.asarray(scores, dtype=np.float64)
-  if labels.shape != scores.shape or labels.ndim != 1:
-    raise MetricInputError(
-        f"labels and scores must be 1-D of one length, got {labels.shape} and {scores.shape}"
-    )
-  if not np.all(np.isfinite(scores)):
-    raise MetricInputError("scores must be finite")
+  labels, scores = _check_scores(labels, scores)
   num_positive = int(labels.sum())
   num_negative = labels.size - num_positive
   if num_positive == 0 or num_negative == 0:
@@ -582,14 +588,7 @@ def roc_curve(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndar
   area under it equals `roc_auc`. Unlike `sklearn.metrics.roc_curve`, no
   collinear point is dropped.
   """
-  labels = _check_labels(labels, "labels")
-  scores = np.asarray(scores, dtype=np.float64)
-  if labels.shape != scores.shape or labels.ndim != 1:
-    raise MetricInputError(
-        f"labels and scores must be 1-D of one length, got {labels.shape} and {scores.shape}"
-    )
-  if not np.all(np.isfinite(scores)):
-    raise MetricInputError("scores must be finite")
+  labels, scores = _check_scores(labels, scores)
   num_positive = int(labels.sum())
   num_negative = labels.size - num_positive
   if num_positive == 0 or num_negative == 0:
