@@ -93,10 +93,9 @@ def sigmoid_focal_pixels(
 ) -> jax.Array:
   """Binary counterpart of `softmax_focal` for (N, H, W, 1) logits: foreground = mask > 0."""
   foreground = (mask > 0).astype(jnp.float32)
-  logits = logits.astype(jnp.float32)[..., 0]
-  probability = jax.nn.sigmoid(logits)
-  p_true = foreground * probability + (1.0 - foreground) * (1.0 - probability)
-  per_pixel = alpha * (1.0 - p_true) ** gamma * sigmoid_bce(logits, foreground)
+  # `alpha` scales every pixel alike, as in `softmax_focal`, so the focal
+  # term itself runs without class weighting.
+  per_pixel = alpha * sigmoid_focal(logits[..., 0], foreground, alpha=-1.0, gamma=gamma)
   return masked_mean(per_pixel, weights)
 
 
