@@ -366,7 +366,7 @@ def test_check_config_rejects_all_zero_mixed_weights(detection):
     multitask.check_config(config)
 
 
-def test_check_config_zero_detection_weight_counts_only_when_on():
+def test_check_config_detection_weight_when_on():
   weights = {"classification": 0.0, "segmentation": 0.0, "detection": 1.0}
   # Detection off: its weight trains nothing.
   with pytest.raises(InputError, match="are all 0"):

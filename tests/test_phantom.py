@@ -628,7 +628,8 @@ def test_fracture_hidden_by_blood(monkeypatch):
   forced_blood = generate_scan(7, fracture="none", **TINY).mask > 0
   drawn_blood = generate_scan(7, **TINY).mask > 0
   assert generate_scan(7, **TINY).fracture == "calvarial"
-  assert forced_blood.any() and drawn_blood.any()
+  assert forced_blood.any()
+  assert drawn_blood.any()
   monkeypatch.setitem(findings.FRACTURE_MAKERS, "calvarial", _fracture_in_blood(forced_blood))
   with pytest.raises(InputError, match="fracture gap lies wholly in blood"):
     generate_scan(7, fracture="calvarial", **TINY)

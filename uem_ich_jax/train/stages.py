@@ -59,7 +59,7 @@ class Stage(Protocol):
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Return the float32 scalar loss and the outputs `train_metrics` reads.
 
-    In training, `batch` also holds `step`, the int32 step number.
+    In training, `batch` also contains `step`, the int32 step number.
     """
 
   def eval_outputs(

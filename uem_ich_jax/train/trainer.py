@@ -228,7 +228,7 @@ def build(
 
     def loss_fn(params):
       model = nnx.merge(train_graph, params, step_rngs(state["step"]), state["extra"])
-      # The loss also sees the step, for schedules that change over the run.
+      # The loss also receives the step, for schedules that change over the run.
       loss, outputs = stage.loss(model, dict(batch, step=state["step"]), config)
       _, _, _, extra = stages.split_model(model)
       return loss, (outputs, extra)
@@ -383,7 +383,7 @@ def write_pictures(setup: Setup, state: Any, images: np.ndarray, workdir: pathli
   logger.info("wrote %s", path)
 
 
-# Longest scan or patient id that evaluation gathers across processes.
+# Maximum length in bytes of a scan or patient id gathered across processes.
 ID_BYTES = 256
 
 
