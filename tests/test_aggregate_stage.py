@@ -253,6 +253,7 @@ def test_check_config_accepts_cq500(request):
         ("name", "tiny_cnn", "has no scan model"),
         ("image_size", 48, "multiple of 32"),
         ("variant", "giant", "does not describe a ConvNeXt-V2"),
+        ("token_features", "mean", "token_features is 'mean', expected one of"),
     ],
 )
 def test_build_model_rejects_bad_model(request, field, value, message):
@@ -385,8 +386,46 @@ def test_evaluate_mbh_scores_every_label(request):
 # --------------------------------------------------------------- The model ---
 
 
+@pytest.fixture(scope="module")
+def pyramid_model(request):
+  config = _smoke_config(request)
+  config.model.token_features = "pyramid"
+  return aggregate.build_model(config.model, seed=0), config
+
+
 def test_bucket_padding_keeps_probabilities(scan_model):
-  model, _ = scan_model
+  _check_bucket_padding(scan_model[0])
+
+
+def test_bucket_padding_keeps_probabilities_with_pyramid_tokens(pyramid_model):
+  _check_bucket_padding(pyramid_model[0])
+
+
+def test_pyramid_tokens_max_pool_every_stage(pyramid_model):
+  model, config = pyramid_model
+  widths = stages.encoder_config(config.model).widths
+  assert model.head.projection.kernel.shape == (sum(widths), config.model.aggregator_dim)
+  rng = np.random.default_rng(5)
+  images = jnp.asarray(rng.uniform(-1, 1, (2, 3, 64, 64, 3)), jnp.float32)
+  slice_mask = jnp.array([[1, 1, 1], [1, 1, 0]], bool)
+  tokens = np.asarray(nnx.jit(lambda m, x, mask: m.scan_features(x, mask))(model, images, slice_mask))
+  assert tokens.shape == (2, 3, 2, 2, sum(widths))
+  # Reference: each real slice alone through the encoder, each stage's map
+  # max-pooled over its own 32 x 32 pixel cells by explicit slicing.
+  maps = nnx.jit(lambda m, x: m.features(x))(model, images[0, :1])
+  expected = []
+  for stage_map in maps:
+    cell = stage_map.shape[1] // 2
+    expected.append(np.array([
+        [np.asarray(stage_map[0, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]).max(axis=(0, 1))
+         for c in range(2)]
+        for r in range(2)
+    ]))
+  np.testing.assert_allclose(tokens[0, 0], np.concatenate(expected, -1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(tokens[1, 2], 0.0)
+
+
+def _check_bucket_padding(model):
   source = ScanSource([_scan(0, 3), _scan(1, 4)])
   graphdef, state = nnx.split(model)
   run = _jitted_eval(graphdef)

@@ -11,7 +11,9 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-METRICS = ("3D foreground Dice", "scan AUC any", "box mAP@0.5", "mean relative volume error")
+METRICS = (
+    "3D foreground Dice", "scan AUC any (aggregator)", "box mAP@0.5", "mean relative volume error"
+)
 
 
 def _driver():
@@ -48,6 +50,7 @@ def test_driver_writes_results_table(tmp_path):
   markdown = (workdir / "results.md").read_text()
   for name in METRICS:
     assert f"| {name} |" in markdown
+  assert f"| {driver.REFERENCE_ROW} |" in markdown
   for stage in ("build data", "ssl", "multitask", "aggregator"):
     assert f"| {stage}" in markdown
 

@@ -299,6 +299,18 @@ def test_evaluate_skips_rows_without_masks():
   assert scalars["dice_3d"] == pytest.approx(2 / 3)
 
 
+def test_scan_any_scored_by_predicted_volume():
+  labels = np.zeros((6, 6), np.int32)
+  labels[[1, 4], 0] = 1  # scans 0 and 2 have a bleed on one slice, scan 1 none
+  scans = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5])]
+  # Ranked right: both positive scans above the negative one.
+  result = multitask._scan_any_from_volume(labels, scans, [3.0, 0.5, 1.0])
+  assert result == {"auc": 1.0, "n_scans": 3, "n_positive": 2}
+  # The negative scan between the two positives: one of two pairs ranked right.
+  assert multitask._scan_any_from_volume(labels, scans, [3.0, 2.0, 1.0])["auc"] == 0.5
+  assert multitask._scan_any_from_volume(labels[:, 1:2] * 0, scans, [1.0, 2.0, 3.0])["auc"] is None
+
+
 def test_binary_head_loss_and_evaluation():
   config = _stage_config()
   config.model.segmentation_classes = 1

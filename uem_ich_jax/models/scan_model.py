@@ -30,12 +30,25 @@ from uem_ich_jax.models.convnext_v2 import ConvNeXtV2Config
 _FIXED_AGGREGATOR_ARGUMENTS = ("self", "feature_dim", "max_slices", "spatial_size", "dtype", "rngs")
 # ScanAggregator arguments without a default.
 REQUIRED_AGGREGATOR_SETTINGS = ("num_heads", "num_layers", "dim_feedforward")
+# Slice token sources:
+#   "last": the last stage's stride-32 map, as upstream (its weights load only here);
+#   "pyramid": every stage's map max-pooled to the stride-32 grid and concatenated
+#     along channels, so a bleed a few pixels wide, which the fine stages see,
+#     still reaches the aggregator.
+TOKEN_FEATURES = ("last", "pyramid")
 
 
 def aggregator_options() -> tuple[str, ...]:
   """Name the keyword arguments of `ScanAggregator` that `aggregator` settings may give."""
   names = inspect.signature(ScanAggregator.__init__).parameters
   return tuple(name for name in names if name not in _FIXED_AGGREGATOR_ARGUMENTS)
+
+
+def _max_pool_to(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """Max-pool an NHWC map whose sides are multiples of `grid` down to `grid`."""
+  n, height, width, channels = x.shape
+  rows, columns = height // grid[0], width // grid[1]
+  return x.reshape(n, grid[0], rows, grid[1], columns, channels).max(axis=(2, 4))
 
 
 class ScanHeadStack(nnx.Module):
@@ -93,6 +106,11 @@ class ScanModel(ConvNeXtV2):
   mean. So the logits of a scan do not depend on how many padded slices follow
   it. Every scan needs at least one real slice.
 
+  With `token_features="pyramid"` the tokens are every stage's map max-pooled
+  to the stride-32 grid and concatenated (atto: 40 + 80 + 160 + 320 = 600
+  channels), and `head/projection` maps them to the aggregator width. The
+  upstream reads only the last stage, so its weights load only with "last".
+
   Starts in evaluation mode like `ConvNeXtV2`.
   """
 
@@ -107,8 +125,11 @@ class ScanModel(ConvNeXtV2):
       aggregator_dim: int | None = None,
       head_hidden_dim: int | None = None,
       head_dropout: float = 0.4,
+      token_features: str = "last",
       rngs: nnx.Rngs,
   ):
+    if token_features not in TOKEN_FEATURES:
+      raise InputError(f"token_features is {token_features!r}, expected one of {TOKEN_FEATURES}")
     if image_size <= 0 or image_size % TOTAL_STRIDE:
       raise InputError(
           f"image_size is {image_size}, expected a positive multiple of {TOTAL_STRIDE}"
@@ -129,9 +150,11 @@ class ScanModel(ConvNeXtV2):
     super().__init__(dataclasses.replace(config, head=None), rngs=rngs)
     self.image_size = image_size
     self.max_slices = max_slices
+    self.token_features = token_features
+    token_width = config.widths[-1] if token_features == "last" else sum(config.widths)
     # ConvNeXtV2 stored `head` as a static None, so the module must be marked as data.
     self.head = nnx.data(ScanHeadStack(
-        config.widths[-1],
+        token_width,
         num_classes,
         image_size=image_size,
         max_slices=max_slices,
@@ -166,10 +189,10 @@ class ScanModel(ConvNeXtV2):
       )
 
   def scan_features(self, images: jax.Array, slice_mask: jax.Array) -> jax.Array:
-    """Return the stride-32 encoder maps of every slice, (B, S, H/32, W/32, C).
+    """Return the token maps of every slice, (B, S, H/32, W/32, C), by `token_features`.
 
     The B * S slices go through the encoder as one batch; padded slices are
-    encoded as fully masked inputs, so their maps are 0.
+    encoded as fully masked inputs, so their maps, and their tokens, are 0.
     """
     self._check_scan_input(images, slice_mask)
     batch, slices, height, width, channels = images.shape
@@ -178,8 +201,12 @@ class ScanModel(ConvNeXtV2):
     visible = jnp.broadcast_to(
         slice_mask.astype(bool).reshape(batch * slices, 1, 1), (batch * slices, *grid)
     )
-    last = self.features(flat, visible)[-1]
-    return last.reshape(batch, slices, *last.shape[1:])
+    maps = self.features(flat, visible)
+    if self.token_features == "last":
+      tokens = maps[-1]
+    else:
+      tokens = jnp.concatenate([_max_pool_to(stage_map, grid) for stage_map in maps], axis=-1)
+    return tokens.reshape(batch, slices, *tokens.shape[1:])
 
   def __call__(
       self, images: jax.Array, slice_mask: jax.Array, *, freeze_encoder: bool = False

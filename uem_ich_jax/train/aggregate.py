@@ -132,7 +132,7 @@ def build_model(model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
   Fields read: name ("convnext_v2"), variant, coordinate_attention_stages,
   coordinate_attention_placement, drop_path_rate, dtype, num_classes,
   image_size, max_slices, aggregator (keyword arguments of ScanAggregator),
-  aggregator_dim, scan_head_hidden_dim and scan_head_dropout.
+  aggregator_dim, scan_head_hidden_dim, scan_head_dropout and token_features.
   """
   if model.name != "convnext_v2":
     raise InputError(
@@ -154,6 +154,7 @@ def build_model(model: ml_collections.ConfigDict, *, seed: int) -> nnx.Module:
       aggregator_dim=model.get("aggregator_dim"),
       head_hidden_dim=model.get("scan_head_hidden_dim"),
       head_dropout=model.get("scan_head_dropout", 0.4),
+      token_features=model.get("token_features", "last"),
       rngs=rngs,
   )
 

@@ -29,6 +29,7 @@ from flax import nnx
 
 import uem_ich_jax
 from uem_ich_jax.errors import InputError
+from uem_ich_jax.evaluate import metrics as metrics_lib
 from uem_ich_jax.evaluate import segmentation as segmentation_metrics
 from uem_ich_jax.train import classification
 from uem_ich_jax.train import losses
@@ -447,6 +448,23 @@ def _rows_with(outputs: Mapping[str, np.ndarray], flag: str) -> np.ndarray:
   return np.asarray(outputs[flag], bool).reshape(count)
 
 
+def _scan_any_from_volume(
+    labels: np.ndarray, scans: list[np.ndarray], predicted_ml: list[float]
+) -> dict[str, Any]:
+  """Score each scan's `any` label by its predicted hemorrhage volume alone.
+
+  A scan is positive when any of its slices is labelled `any` (column 0). The
+  AUC measures how well the segmentation alone separates scans, to compare
+  with the scan aggregator's; it is None when the scans are of one class.
+  """
+  truth = np.array([int(labels[rows, 0].max()) for rows in scans])
+  return {
+      "auc": metrics_lib.roc_auc(truth, np.asarray(predicted_ml, np.float64)),
+      "n_scans": int(truth.size),
+      "n_positive": int(truth.sum()),
+  }
+
+
 def _box_map(outputs: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, Any]:
   from uem_ich_jax.evaluate import detection as detection_metrics
 
@@ -526,6 +544,12 @@ def evaluate(
     scalars.update({key: float(value) for key, value in optional.items() if value is not None})
     scalars["volume_absolute_error_ml"] = seg["volume"]["mean_absolute_error_ml"]
     scalars["dice_3d_n_empty_both"] = float(seg["dice_3d"]["n_empty_both"])
+    if labelled[masked].all():
+      seg["scan_any_from_volume"] = _scan_any_from_volume(
+          np.asarray(outputs["labels"])[masked], scans, seg["predicted_ml"]
+      )
+      if seg["scan_any_from_volume"]["auc"] is not None:
+        scalars["scan_auc_any_from_volume"] = seg["scan_any_from_volume"]["auc"]
 
   if setting(config, "detection") and "detection_boxes" in outputs:
     boxed = _rows_with(outputs, "has_boxes")
