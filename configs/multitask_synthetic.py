@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.stage = "multitask"
   config.data.name = "synthetic_ich/slices"
   config.data.augment = True
+  config.data.boxes_from_mask = True  # the phantom's boxes are its mask's regions
 
   config.multitask = ml_collections.ConfigDict()
   config.multitask.schedule = "mixed"  # or "alternating" (the upstream schedule)

@@ -1,5 +1,6 @@
 """The grain pipeline: augmentation, folds, determinism, eval padding and resume."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -113,6 +114,22 @@ def test_rotation_and_scale_keep_boxes_around_mask():
     assert box[2] >= tight[2] - 1
     assert box[3] >= tight[3] - 1
     assert (box[2] - box[0]) * (box[3] - box[1]) < 3 * (tight[2] - tight[0]) * (tight[3] - tight[1])
+
+
+def test_boxes_from_warped_mask_stay_tight():
+  example = _asymmetric_example()
+  params = augment.AugmentParams(rotation_deg=15.0, scale=1.1, boxes_from_mask=True)
+  out = augment.apply_augmentation(example, params)
+  np.testing.assert_array_equal(out["box_classes"], [2, 5])
+  for box, class_id in zip(out["boxes"], out["box_classes"]):
+    np.testing.assert_array_equal(box, _mask_box(out["mask"], class_id))
+  # Around the warped corners, the same rotation gives a box larger than the region.
+  corners = augment.apply_augmentation(example, dataclasses.replace(params, boxes_from_mask=False))
+  corner_box = corners["boxes"][list(corners["box_classes"]).index(5)]
+  tight = _mask_box(out["mask"], 5)
+  assert (corner_box[2] - corner_box[0]) * (corner_box[3] - corner_box[1]) > 1.2 * (
+      (tight[2] - tight[0]) * (tight[3] - tight[1])
+  )
 
 
 def test_box_pushed_out_of_image_is_dropped():

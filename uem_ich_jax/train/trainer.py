@@ -340,7 +340,11 @@ def dataset_source(config: ml_collections.ConfigDict):
 
 
 def train_iterator(config: ml_collections.ConfigDict, source: Any, folds: Folds):
-  augment = augment_lib.AugmentConfig() if config.data.augment else None
+  augment = None
+  if config.data.augment:
+    augment = augment_lib.AugmentConfig(
+        boxes_from_mask=bool(config.data.get("boxes_from_mask", False))
+    )
   dataset = pipeline.train_dataset(
       source,
       folds=folds.train,
