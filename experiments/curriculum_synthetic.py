@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--aggregator-batch-size", type=int, default=8, help="scans per batch")
   parser.add_argument("--ssl-steps", type=int, default=50)
   parser.add_argument("--multitask-steps", type=int, default=700)
-  parser.add_argument("--aggregator-steps", type=int, default=150)
+  parser.add_argument("--aggregator-steps", type=int, default=300)
   parser.add_argument("--evals", type=int, default=3, help="validation evaluations per stage")
   parser.add_argument("--ssl-decoder-width", type=int, default=64)
   parser.add_argument("--schedule", default="mixed", choices=("mixed", "alternating"))
