@@ -10,7 +10,10 @@ Loss: sigmoid focal (alpha_t weighting) or BCE per label, averaged over labels
 and valid scans, in float32. With `config.aggregator.freeze_encoder` the
 encoder runs in evaluation mode, its features are cut from the gradient and
 `config.optim.encoder_lr` must be 0, so that AdamW's weight decay does not
-move it either. Evaluation scores per-scan probabilities with
+move it either. TODO: a frozen encoder still encodes every scan again at every
+step, which is most of a step's time. On the 96 px phantom the head needs
+about 1500 steps of 8 scans; caching the tokens would make that affordable.
+Evaluation scores per-scan probabilities with
 `uem_ich_jax.evaluate.metrics`, thresholds chosen on a validation split.
 
 The encoder sits at the model root, so its export at the end of training is
