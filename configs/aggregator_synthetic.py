@@ -72,9 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.aggregator.attention_chunk = 0  # queries per attention chunk; 0: all at once
   config.model.aggregator.remat = False  # recompute each layer in the backward pass
   config.model.aggregator.token_pool = 1  # average-pool k x k tokens per slice first
-  # "last": tokens from the last stage's stride-32 map, as upstream; "pyramid":
-  # every stage max-pooled to that grid and concatenated, which keeps small
-  # bleeds that only the fine stages resolve (see ScanModel).
+  # "last": tokens from the last stage's stride-32 map, as upstream. "pyramid":
+  # every stage max-pooled to that grid and concatenated, so small bleeds that
+  # only the fine stages resolve reach the aggregator (see ScanModel).
   config.model.token_features = "last"
   config.model.scan_head_hidden_dim = None  # None: half the aggregator width, as upstream
   config.model.scan_head_dropout = 0.4

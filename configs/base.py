@@ -31,9 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.batch_size = 32  # global, over all processes and devices
   config.data.eval_batch_size = 32  # global; the last batch is padded, never dropped
   config.data.augment = True
-  # After a rotation or zoom, take each slice's boxes from its warped mask
-  # (one per 8-connected region of each class), for datasets whose boxes are
-  # made that way (synthetic_ich); otherwise boxes go around their warped corners.
+  # After a rotation or zoom, take each slice's boxes from its warped mask, one
+  # per 8-connected region of each class. Only for datasets whose boxes are made
+  # that way (synthetic_ich). Otherwise boxes go around their warped corners.
   config.data.boxes_from_mask = False
   config.data.worker_count = 0  # grain worker processes per host
   # Train on the examples of this fraction of the training patients (seeded

@@ -454,8 +454,8 @@ def _scan_any_from_volume(
   """Score each scan's `any` label by its predicted hemorrhage volume alone.
 
   A scan is positive when any of its slices is labelled `any` (column 0). The
-  AUC measures how well the segmentation alone separates scans, to compare
-  with the scan aggregator's; it is None when the scans are of one class.
+  AUC measures how well the segmentation alone separates scans, for
+  comparison with the scan aggregator. It is None when all scans share a class.
   """
   truth = np.array([int(labels[rows, 0].max()) for rows in scans])
   return {
