@@ -135,6 +135,17 @@ def _config(spec: str, overrides: dict[str, object]):
   )
 
 
+def _step_settings(steps: int, evals: int, *, log_every: int) -> dict[str, int]:
+  """Return the run length, warmup (5%), evaluation, checkpoint and log intervals of a stage."""
+  return {
+      "optim.warmup_steps": max(1, steps // 20),
+      "num_steps": steps,
+      "eval_every": max(1, steps // evals),
+      "checkpoint_every": max(1, steps // evals),
+      "log_every": max(1, min(log_every, steps)),
+  }
+
+
 def stage_overrides(
     names: dict[str, str], data_dir: pathlib.Path, workdir: pathlib.Path, args: argparse.Namespace
 ) -> dict[str, tuple[str, dict[str, object]]]:
@@ -151,14 +162,11 @@ def stage_overrides(
               "data.name": names["slices"],
               "data.batch_size": args.batch_size,
               "data.eval_batch_size": 2 * args.batch_size,
-              "num_steps": ssl_steps,
-              "eval_every": ssl_steps,
-              "checkpoint_every": ssl_steps,
               "image_every": 0,
-              "log_every": max(1, min(25, ssl_steps)),
-              "optim.warmup_steps": max(1, ssl_steps // 20),
               "model.decoder_width": args.ssl_decoder_width,
-          },
+          }
+          # One evaluation and checkpoint, at the end.
+          | _step_settings(ssl_steps, 1, log_every=25),
       ),
       "multitask": (
           "multitask_synthetic.py",
@@ -176,12 +184,8 @@ def stage_overrides(
               "data.eval_batch_size": 2 * args.batch_size,
               "optim.encoder_lr": args.multitask_encoder_lr,
               "optim.head_lr": args.multitask_head_lr,
-              "optim.warmup_steps": max(1, multitask_steps // 20),
-              "num_steps": multitask_steps,
-              "eval_every": max(1, multitask_steps // args.evals),
-              "checkpoint_every": max(1, multitask_steps // args.evals),
-              "log_every": max(1, min(25, multitask_steps)),
-          },
+          }
+          | _step_settings(multitask_steps, args.evals, log_every=25),
       ),
       "aggregator": (
           "aggregator_synthetic.py",
@@ -196,12 +200,8 @@ def stage_overrides(
               "data.batch_size": args.aggregator_batch_size,
               "data.eval_batch_size": 2 * args.aggregator_batch_size,
               "optim.head_lr": args.aggregator_lr,
-              "optim.warmup_steps": max(1, aggregator_steps // 20),
-              "num_steps": aggregator_steps,
-              "eval_every": max(1, aggregator_steps // args.evals),
-              "checkpoint_every": max(1, aggregator_steps // args.evals),
-              "log_every": max(1, min(20, aggregator_steps)),
-          },
+          }
+          | _step_settings(aggregator_steps, args.evals, log_every=20),
       ),
   }
 
@@ -270,6 +270,14 @@ def measured(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | N
   return {name: {"test": test[name], "validation": validation[name]} for name in test}
 
 
+def _cells(value: dict[str, float | None]) -> str:
+  """Format the test and validation values of one row as two Markdown cells."""
+  return " | ".join(
+      "undefined" if value[split] is None else f"{value[split]:.3f}"
+      for split in ("test", "validation")
+  )
+
+
 def table(values: dict[str, dict[str, float | None]], stages: dict[str, dict[str, Any]],
           build_seconds: float) -> tuple[str, list[dict[str, Any]]]:
   """Return the Markdown results table and its rows."""
@@ -285,17 +293,8 @@ def table(values: dict[str, dict[str, float | None]], stages: dict[str, dict[str
     else:
       passed = value >= target if higher else value < target
     rows.append({"metric": name, **values[name], "target": written, "pass": passed})
-    cells = [
-        "undefined" if entry is None else f"{entry:.3f}"
-        for entry in (value, values[name]["validation"])
-    ]
-    lines.append(f"| {name} | {cells[0]} | {cells[1]} | {written} | {'pass' if passed else 'FAIL'} |")
-  reference = values[REFERENCE_ROW]
-  cells = [
-      "undefined" if entry is None else f"{entry:.3f}"
-      for entry in (reference["test"], reference["validation"])
-  ]
-  lines.append(f"| {REFERENCE_ROW} | {cells[0]} | {cells[1]} | no target | |")
+    lines.append(f"| {name} | {_cells(values[name])} | {written} | {'pass' if passed else 'FAIL'} |")
+  lines.append(f"| {REFERENCE_ROW} | {_cells(values[REFERENCE_ROW])} | no target | |")
   lines += [
       "",
       "| stage | train s | train CPU s | evaluate s | load (1, 5, 15 min) after |",

@@ -397,7 +397,7 @@ def test_bucket_padding_keeps_probabilities(scan_model):
   _check_bucket_padding(scan_model[0])
 
 
-def test_bucket_padding_keeps_probabilities_with_pyramid_tokens(pyramid_model):
+def test_pyramid_bucket_padding_keeps_probabilities(pyramid_model):
   _check_bucket_padding(pyramid_model[0])
 
 

@@ -192,7 +192,7 @@ class ScanModel(ConvNeXtV2):
     """Return the token maps of every slice, (B, S, H/32, W/32, C), by `token_features`.
 
     The B * S slices go through the encoder as one batch; padded slices are
-    encoded as fully masked inputs, so their maps, and their tokens, are 0.
+    encoded as fully masked inputs, so their maps and tokens are 0.
     """
     self._check_scan_input(images, slice_mask)
     batch, slices, height, width, channels = images.shape

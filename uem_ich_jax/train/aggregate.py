@@ -12,7 +12,7 @@ encoder runs in evaluation mode, its features are cut from the gradient and
 `config.optim.encoder_lr` must be 0, so that AdamW's weight decay does not
 move it either. TODO: a frozen encoder still encodes every scan again at every
 step, which is most of a step's time. On the 96 px phantom the head needs
-about 1500 steps of 8 scans; caching the tokens would make that affordable.
+about 1500 steps of 8 scans, so caching the tokens would make that affordable.
 Evaluation scores per-scan probabilities with
 `uem_ich_jax.evaluate.metrics`, thresholds chosen on a validation split.
 
