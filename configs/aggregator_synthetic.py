@@ -51,6 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.aggregator = ml_collections.ConfigDict()
   config.aggregator.label_set = "mbh"  # "mbh": `labels` (6); "cq500": `cq500_labels` (14)
   config.aggregator.freeze_encoder = True  # eval mode, no gradient; needs optim.encoder_lr 0
+  # Passes of the training scans that the frozen encoder encodes once, before
+  # step 0; the steps then train on these tokens only. 0: encode every step.
+  config.aggregator.cache_tokens = 0
+  config.aggregator.cache_max_gib = 16.0  # refuse a larger cache in host memory
 
   config.model.name = "convnext_v2"
   config.model.variant = "atto"

@@ -8,7 +8,9 @@
 3. `multitask` (configs/multitask_synthetic.py, detection on) from the SSL
    encoder: classification, segmentation and FCOS detection on the slices.
 4. `aggregator` (configs/aggregator_synthetic.py) from the multi-task encoder,
-   frozen, on the scans: the six MBH scan labels.
+   frozen, on the scans: the six MBH scan labels. The encoder encodes a few
+   augmented passes of the training scans once (`aggregator.cache_tokens`),
+   and the steps train the aggregator on those tokens.
 5. `uem-ich evaluate` of the multi-task and the aggregator run: the stages' own
    evaluation on the held-out test fold (fold 0), thresholds and best
    checkpoints chosen on the validation fold (fold 1).
@@ -200,6 +202,9 @@ def stage_overrides(
               "data.batch_size": args.aggregator_batch_size,
               "data.eval_batch_size": 2 * args.aggregator_batch_size,
               "optim.head_lr": args.aggregator_lr,
+              "aggregator.cache_tokens": args.aggregator_cache_copies,
+              "model.aggregator.dropout": args.aggregator_dropout,
+              "model.scan_head_dropout": args.scan_head_dropout,
           }
           | _step_settings(aggregator_steps, args.evals, log_every=20),
       ),
@@ -340,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--multitask-encoder-lr", type=float, default=1e-3)
   parser.add_argument("--multitask-head-lr", type=float, default=2e-3)
   parser.add_argument("--aggregator-lr", type=float, default=1e-3)
+  parser.add_argument(
+      "--aggregator-cache-copies", type=int, default=4,
+      help="augmented passes of the training scans that the frozen encoder encodes once"
+      " (config.aggregator.cache_tokens); 0 encodes every batch at every step",
+  )
+  parser.add_argument("--aggregator-dropout", type=float, default=0.1)
+  parser.add_argument("--scan-head-dropout", type=float, default=0.4)
   parser.add_argument(
       "--token-features", default="pyramid", choices=("last", "pyramid"),
       help="aggregator tokens: the last stage only (upstream) or every stage max-pooled to its grid",

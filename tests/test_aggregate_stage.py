@@ -228,6 +228,14 @@ def test_stage_registered_with_label_keys(request):
         ({"model.max_slices": 0}, "max_slices must be a positive integer"),
         ({"data.slice_buckets": (4, 16)}, r"slice_buckets \(4, 16\) exceeds"),
         ({"data.slice_buckets": (8, 4)}, "strictly increasing"),
+        ({"aggregator.cache_tokens": -1}, "cache_tokens must be a non-negative integer"),
+        ({"aggregator.cache_tokens": True}, "cache_tokens must be a non-negative integer"),
+        (
+            {"aggregator.cache_tokens": 2, "aggregator.freeze_encoder": False,
+             "optim.encoder_lr": 1e-4},
+            "cache_tokens is 2 but freeze_encoder is False",
+        ),
+        ({"aggregator.cache_max_gib": 0.0}, "cache_max_gib must be positive"),
     ],
 )
 def test_check_config_names_the_bad_field(request, changes, message):
@@ -630,3 +638,61 @@ def test_cq500_run_on_scans_of_mixed_length(request, data_dir, tmp_path, monkeyp
   result = trainer.evaluate(tmp_path / "cq500")
   assert list(result["classes"]) == list(uem_ich_jax.CQ500_LABELS)
   assert result["n_test"] == 2
+
+
+# ------------------------------------------------------------ Token cache ---
+
+
+def test_cached_tokens_are_the_frozen_encoders(request, data_dir):
+  config = _run_config(request, data_dir, **{"aggregator.cache_tokens": 2})
+  setup = trainer.build(config)
+  state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+  source = trainer.dataset_source(config)
+  images = trainer.train_iterator(config, source, setup.folds)
+  # The iterator the cache wraps yields the same batches as this one.
+  expected = trainer.train_iterator(config, source, setup.folds)
+  cache = aggregate.train_input(setup, images, source)
+  per_pass = len(pipeline.train_shard(source, folds=setup.folds.train, batch_size=2)) // 2
+  assert per_pass >= 2
+  aggregate.prepare_train_input(setup, state, cache)
+  model = setup.eval_model(state)
+  cached = [next(cache) for _ in range(2 * per_pass)]
+  first_pass = [next(expected) for _ in range(per_pass)]
+  for batch in first_pass:
+    tokens = model.scan_features(jnp.asarray(batch["image"]), jnp.asarray(batch["slice_mask"]))
+    assert any(
+        np.allclose(entry["tokens"], tokens, atol=1e-5)
+        and np.array_equal(entry["labels"], batch["labels"])
+        and np.array_equal(entry["slice_mask"], batch["slice_mask"])
+        for entry in cached
+    )
+  assert cache.batch_keys == ("tokens", "slice_mask", "labels", "valid")
+  cache.close()
+  close = getattr(expected, "close", None)
+  if close is not None:
+    close()
+
+
+@pytest.mark.slow
+def test_cached_run_resumes_exactly(request, data_dir, tmp_path):
+  changes = {"aggregator.cache_tokens": 2, "data.augment": "true", "eval_every": 100,
+             "checkpoint_every": 100}
+  config = _run_config(request, data_dir, **changes)
+  trainer.train(config, tmp_path / "whole")
+  trainer.train(config, tmp_path / "split", stop_after=2)
+  trainer.train(config, tmp_path / "split")
+  initial = stages.flatten(jax.jit(trainer.build(config).init_state)()["params"])
+
+  def final(workdir):
+    manager = checkpoint.CheckpointManager(workdir, read_only=True)
+    arrays = manager.restore_arrays(4)
+    manager.close()
+    return stages.flatten(arrays["params"])
+
+  whole, split = final(tmp_path / "whole"), final(tmp_path / "split")
+  for name, value in whole.items():
+    np.testing.assert_array_equal(split[name], value, err_msg=name)
+    if name.startswith("head/"):
+      assert not np.array_equal(value, initial[name]), name
+    else:
+      np.testing.assert_array_equal(value, initial[name], err_msg=name)

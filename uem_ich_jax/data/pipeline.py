@@ -464,6 +464,36 @@ def _finish(
   return iter_dataset
 
 
+def train_shard(
+    source: Any,
+    *,
+    folds: Sequence[int],
+    batch_size: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    patient_fraction: float = 1.0,
+    patient_seed: int = 0,
+) -> np.ndarray:
+  """Return the example indices one pass of `train_dataset` reads in this shard, before shuffling.
+
+  A pass yields len(result) // batch_size batches. The arguments mean what
+  they mean in `train_dataset`.
+  """
+  if batch_size < 1:
+    raise DataPipelineError(f"batch_size must be at least 1, got {batch_size}")
+  shard_index, shard_count = _resolve_shard(shard_index, shard_count)
+  indices = patient_subset(
+      source, fold_indices(source, folds), patient_fraction, seed=patient_seed
+  )
+  per_shard = len(indices) // shard_count
+  if per_shard < batch_size:
+    raise DataPipelineError(
+        f"folds {list(folds)} hold {len(indices)} examples, {per_shard} per shard over"
+        f" {shard_count} shards: fewer than one batch of {batch_size}"
+    )
+  return indices[: per_shard * shard_count][shard_index::shard_count]
+
+
 def train_dataset(
     source: Any,
     *,
@@ -508,21 +538,16 @@ def train_dataset(
   Returns:
     A grain `IterDataset`; its iterators support `get_state`/`set_state`.
   """
-  if batch_size < 1:
-    raise DataPipelineError(f"batch_size must be at least 1, got {batch_size}")
   slice_buckets = check_slice_buckets(slice_buckets)
-  shard_index, shard_count = _resolve_shard(shard_index, shard_count)
-  indices = patient_subset(
-      source, fold_indices(source, folds), patient_fraction, seed=patient_seed
+  shard = train_shard(
+      source,
+      folds=folds,
+      batch_size=batch_size,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      patient_fraction=patient_fraction,
+      patient_seed=patient_seed,
   )
-  per_shard = len(indices) // shard_count
-  if per_shard < batch_size:
-    raise DataPipelineError(
-        f"folds {list(folds)} hold {len(indices)} examples, {per_shard} per shard over"
-        f" {shard_count} shards: fewer than one batch of {batch_size}"
-    )
-  shard = indices[: per_shard * shard_count][shard_index::shard_count]
-
   dataset = grain.MapDataset.source(shard.tolist()).shuffle(seed=seed)
   dataset = dataset.repeat(num_epochs)
   dataset = dataset.map(ReadExample(source))

@@ -10,10 +10,11 @@ Loss: sigmoid focal (alpha_t weighting) or BCE per label, averaged over labels
 and valid scans, in float32. With `config.aggregator.freeze_encoder` the
 encoder runs in evaluation mode, its features are cut from the gradient and
 `config.optim.encoder_lr` must be 0, so that AdamW's weight decay does not
-move it either. TODO: a frozen encoder still encodes every scan again at every
-step, which is most of a step's time. On the 96 px phantom the head needs
-about 1500 steps of 8 scans, so caching the tokens would make that affordable.
-Evaluation scores per-scan probabilities with
+move it either. Encoding is then most of a step's time, so
+`config.aggregator.cache_tokens = K` encodes K passes of the training scans
+once, each with its own shuffle and augmentation, and trains the aggregator
+and head on these cached tokens (`token_cache.TokenCache`). Evaluation always
+encodes the images. Evaluation scores per-scan probabilities with
 `uem_ich_jax.evaluate.metrics`, thresholds chosen on a validation split.
 
 The encoder sits at the model root, so its export at the end of training is
@@ -32,13 +33,16 @@ import ml_collections
 import numpy as np
 from clu import metrics as clu_metrics
 from flax import nnx
+from jax.experimental import multihost_utils
 
 import uem_ich_jax
 from uem_ich_jax.data import pipeline
+from uem_ich_jax.data.global_batch import to_global_batch
 from uem_ich_jax.errors import InputError
 from uem_ich_jax.train import classification
 from uem_ich_jax.train import losses
 from uem_ich_jax.train import stages
+from uem_ich_jax.train import token_cache
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,10 @@ LOSS_KINDS = ("focal", "bce")
 AGGREGATOR_DEFAULTS = {
     "label_set": "mbh",  # "mbh" (6 labels) or "cq500" (14 labels)
     "freeze_encoder": True,  # the upstream trains the aggregator on a frozen encoder
+    # Passes of the training scans to encode once with the frozen encoder and
+    # train on; 0 encodes every batch at every step.
+    "cache_tokens": 0,
+    "cache_max_gib": 16.0,  # the largest token cache allowed in host memory
 }
 
 
@@ -108,6 +116,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"config.aggregator.freeze_encoder is False but config.optim.encoder_lr is"
         f" {config.optim.encoder_lr}; set encoder_lr > 0 to fine-tune the encoder, or set"
         " freeze_encoder to True to keep it fixed"
+    )
+  copies = aggregator_setting(config, "cache_tokens")
+  if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
+    raise InputError(
+        f"config.aggregator.cache_tokens must be a non-negative integer, got {copies!r}"
+    )
+  if copies and not freeze:
+    raise InputError(
+        f"config.aggregator.cache_tokens is {copies} but freeze_encoder is False; tokens can be"
+        " cached only while the encoder is frozen, so set cache_tokens to 0 to fine-tune it"
+    )
+  if not aggregator_setting(config, "cache_max_gib") > 0:
+    raise InputError(
+        "config.aggregator.cache_max_gib must be positive, got"
+        f" {aggregator_setting(config, 'cache_max_gib')!r}"
     )
   if freeze and str(config.get("init_from", "")) == "random":
     logger.warning(
@@ -195,7 +218,13 @@ def _labels(batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict | 
 def logits(
     model: nnx.Module, batch: Mapping[str, jax.Array], config: ml_collections.ConfigDict | None
 ) -> jax.Array:
-  """Return the (B, num_classes) float32 logits of a batch of padded scans."""
+  """Return the (B, num_classes) float32 logits of a batch of padded scans.
+
+  A batch from the token cache holds `tokens` instead of images, and only the
+  aggregator and head run.
+  """
+  if token_cache.TOKENS in batch:
+    return model.head(batch[token_cache.TOKENS], _slice_mask(batch)).astype(jnp.float32)
   freeze = bool(aggregator_setting(config, "freeze_encoder"))
   return model(batch["image"], _slice_mask(batch), freeze_encoder=freeze).astype(jnp.float32)
 
@@ -255,6 +284,60 @@ def evaluate(
   return scalars, result
 
 
+def train_input(setup: Any, iterator: Any, source: Any) -> Any:
+  """Wrap the training input in a `TokenCache` when `config.aggregator.cache_tokens` > 0."""
+  config = setup.config
+  copies = aggregator_setting(config, "cache_tokens")
+  if not copies:
+    return iterator
+  batch_size = config.data.batch_size // jax.process_count()
+  shard = pipeline.train_shard(
+      source,
+      folds=setup.folds.train,
+      batch_size=batch_size,
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+      patient_fraction=config.data.get("patient_fraction", 1.0),
+      patient_seed=config.data.get("patient_seed", 0),
+  )
+  return token_cache.TokenCache(
+      iterator,
+      copies=copies,
+      batches_per_copy=len(shard) // batch_size,
+      keep=("slice_mask", label_field(config), "valid"),
+      seed=config.seed,
+      max_bytes=float(aggregator_setting(config, "cache_max_gib")) * 2**30,
+  )
+
+
+def prepare_train_input(setup: Any, state: Any, iterator: Any) -> None:
+  """Fill a `TokenCache` with the frozen encoder of `state`; other iterators need nothing."""
+  if not isinstance(iterator, token_cache.TokenCache):
+    return
+
+  def encode(state, images, slice_mask):
+    model = setup.eval_model(state)
+    mask = _slice_mask({"slice_mask": slice_mask})
+    return model.scan_features(images, mask)
+
+  jitted = jax.jit(
+      encode,
+      in_shardings=(setup.state_shardings, setup.data_sharding, setup.data_sharding),
+      out_shardings=setup.data_sharding,
+  )
+
+  def host_tokens(batch: Mapping[str, Any]) -> np.ndarray:
+    arrays = to_global_batch(
+        {"image": batch["image"], "slice_mask": batch["slice_mask"]}, setup.data_sharding
+    )
+    tokens = jitted(state, arrays["image"], arrays["slice_mask"])
+    local = multihost_utils.global_array_to_host_local_array(
+        tokens, setup.mesh, setup.data_sharding.spec
+    )
+    return np.asarray(local)
+
+  iterator.prepare(host_tokens)
+
 
 class _AggregatorStage:
   name = "aggregator"
@@ -265,6 +348,8 @@ class _AggregatorStage:
   eval_outputs = staticmethod(eval_outputs)
   evaluate = staticmethod(evaluate)
   check_config = staticmethod(check_config)
+  train_input = staticmethod(train_input)
+  prepare_train_input = staticmethod(prepare_train_input)
   # The encoder is the model root, so the export is everything outside the head.
   encoder_arrays = staticmethod(stages.root_encoder_arrays)
 

@@ -291,9 +291,15 @@ def empty_metrics(setup: Setup) -> tuple[Any, Any]:
   return jax.device_put(metrics, mesh_lib.replicated(setup.mesh))
 
 
-def model_batch(setup: Setup, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """Convert the stage's fields of a process-local batch to global arrays on the mesh."""
-  keys = stages.batch_keys(setup.stage, setup.config)
+def model_batch(
+    setup: Setup, batch: Mapping[str, Any], keys: tuple[str, ...] | None = None
+) -> dict[str, jax.Array]:
+  """Convert the stage's fields of a process-local batch to global arrays on the mesh.
+
+  `keys` replaces the stage's batch fields, for a training input that yields
+  other fields (such as cached tokens instead of images).
+  """
+  keys = stages.batch_keys(setup.stage, setup.config) if keys is None else tuple(keys)
   missing = [key for key in keys if key not in batch]
   if missing:
     raise InputError(f"batches of {setup.config.data.name} lack the fields {missing}")
@@ -666,6 +672,9 @@ def train(
   checkpoint_lib.save_config(workdir, config)
   source = dataset_source(config)
   iterator = train_iterator(config, source, setup.folds)
+  stage_input = getattr(setup.stage, "train_input", None)
+  if stage_input is not None:
+    iterator = stage_input(setup, iterator, source)
   manager = checkpoint_lib.CheckpointManager(
       workdir,
       keep=config.keep_checkpoints,
@@ -683,6 +692,9 @@ def train(
     else:
       state = _initialise(setup)
     start = int(state["step"])
+    prepare_input = getattr(setup.stage, "prepare_train_input", None)
+    if prepare_input is not None and start < config.num_steps:
+      prepare_input(setup, state, iterator)
     if start >= config.num_steps:
       logger.info(
           "%s already contains step %d of %d; nothing to train", workdir, start, config.num_steps
@@ -698,7 +710,7 @@ def train(
     last_checked = start
     last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
     for step in range(start, last):
-      batch = model_batch(setup, next(iterator))
+      batch = model_batch(setup, next(iterator), getattr(iterator, "batch_keys", None))
       shapes = tuple(sorted((key, np.shape(value)) for key, value in batch.items()))
       if shapes not in compiled_steps:
         compiled_steps[shapes] = compile_train_step(setup, state, metrics, batch)
