@@ -235,7 +235,7 @@ def test_stage_registered_with_label_keys(request):
              "optim.encoder_lr": 1e-4},
             "cache_tokens is 2 but freeze_encoder is False",
         ),
-        ({"aggregator.cache_max_gib": 0.0}, "cache_max_gib must be positive"),
+        ({"aggregator.cache_max_gib": 0.0}, "cache_max_gib must be a positive number"),
     ],
 )
 def test_check_config_names_the_bad_field(request, changes, message):

@@ -127,11 +127,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"config.aggregator.cache_tokens is {copies} but freeze_encoder is False; tokens can be"
         " cached only while the encoder is frozen, so set cache_tokens to 0 to fine-tune it"
     )
-  if not aggregator_setting(config, "cache_max_gib") > 0:
-    raise InputError(
-        "config.aggregator.cache_max_gib must be positive, got"
-        f" {aggregator_setting(config, 'cache_max_gib')!r}"
-    )
+  limit = aggregator_setting(config, "cache_max_gib")
+  if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+    raise InputError(f"config.aggregator.cache_max_gib must be a positive number, got {limit!r}")
   if freeze and str(config.get("init_from", "")) == "random":
     logger.warning(
         "config.aggregator.freeze_encoder is True and config.init_from is 'random': the"
