@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Passes of the training scans that the frozen encoder encodes once, before
   # step 0; the steps then train on these tokens only. 0: encode every step.
   config.aggregator.cache_tokens = 0
-  config.aggregator.cache_max_gib = 16.0  # refuse a larger cache in host memory
+  config.aggregator.cache_max_gib = 16.0  # reject a larger cache in host memory
 
   config.model.name = "convnext_v2"
   config.model.variant = "atto"

@@ -355,8 +355,14 @@ def main(argv: list[str] | None = None) -> int:
       help="augmented passes of the training scans that the frozen encoder encodes once"
       " (config.aggregator.cache_tokens); 0 encodes every batch at every step",
   )
-  parser.add_argument("--aggregator-dropout", type=float, default=0.0)
-  parser.add_argument("--scan-head-dropout", type=float, default=0.0)
+  parser.add_argument(
+      "--aggregator-dropout", type=float, default=0.0,
+      help="dropout rate (0 to 1) inside the aggregator's transformer layers",
+  )
+  parser.add_argument(
+      "--scan-head-dropout", type=float, default=0.0,
+      help="dropout rate (0 to 1) before the scan head's output layer",
+  )
   parser.add_argument(
       "--token-features", default="pyramid", choices=("last", "pyramid"),
       help="aggregator tokens: the last stage only (upstream) or every stage max-pooled to its grid",

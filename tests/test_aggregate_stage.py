@@ -16,7 +16,7 @@ from uem_ich_jax.data import pipeline
 from uem_ich_jax.datasets.synthetic_ich import SyntheticIch, SyntheticIchConfig
 from uem_ich_jax.errors import InputError
 from uem_ich_jax.models import scan_model as scan_model_lib
-from uem_ich_jax.train import aggregate, checkpoint, config_file, ssl, stages, trainer
+from uem_ich_jax.train import aggregate, checkpoint, config_file, ssl, stages, token_cache, trainer
 
 SIZE = 64
 DATASET = "synthetic_ich/scans_aggregate_tiny"
@@ -652,20 +652,22 @@ def test_cached_tokens_are_the_frozen_encoders(request, data_dir):
   # The iterator the cache wraps yields the same batches as this one.
   expected = trainer.train_iterator(config, source, setup.folds)
   cache = aggregate.train_input(setup, images, source)
-  per_pass = len(pipeline.train_shard(source, folds=setup.folds.train, batch_size=2)) // 2
-  assert per_pass >= 2
+  batch_size = config.data.batch_size
+  scans = len(pipeline.train_shard(source, folds=setup.folds.train, batch_size=batch_size))
+  # Two passes over the scans, in whole batches.
+  count = -(-2 * scans // batch_size)
   aggregate.prepare_train_input(setup, state, cache)
   model = setup.eval_model(state)
-  cached = [next(cache) for _ in range(2 * per_pass)]
-  first_pass = [next(expected) for _ in range(per_pass)]
-  for batch in first_pass:
+  cached = [next(cache) for _ in range(count)]
+  for batch in [next(expected) for _ in range(count)]:
     tokens = model.scan_features(jnp.asarray(batch["image"]), jnp.asarray(batch["slice_mask"]))
-    assert any(
-        np.allclose(entry["tokens"], tokens, atol=1e-5)
-        and np.array_equal(entry["labels"], batch["labels"])
-        and np.array_equal(entry["slice_mask"], batch["slice_mask"])
-        for entry in cached
-    )
+    found = [entry for entry in cached if np.allclose(entry["tokens"], tokens, atol=1e-5)]
+    assert found, "a training batch has no cached tokens"
+    np.testing.assert_array_equal(found[0]["labels"], batch["labels"])
+    np.testing.assert_array_equal(found[0]["slice_mask"], batch["slice_mask"])
+  # The next replay draws the same batches again.
+  replay = [next(cache) for _ in range(count)]
+  assert sorted(id(entry) for entry in replay) == sorted(id(entry) for entry in cached)
   assert cache.batch_keys == ("tokens", "slice_mask", "labels", "valid")
   cache.close()
   close = getattr(expected, "close", None)
@@ -674,13 +676,24 @@ def test_cached_tokens_are_the_frozen_encoders(request, data_dir):
 
 
 @pytest.mark.slow
-def test_cached_run_resumes_exactly(request, data_dir, tmp_path):
+def test_cached_run_resumes_exactly(request, data_dir, tmp_path, monkeypatch):
   changes = {"aggregator.cache_tokens": 2, "data.augment": "true", "eval_every": 100,
              "checkpoint_every": 100}
   config = _run_config(request, data_dir, **changes)
+  fills = []
+  original_prepare = token_cache.TokenCache.prepare
+
+  def counted_prepare(self, encode):
+    fills.append(1)
+    return original_prepare(self, encode)
+
+  monkeypatch.setattr(token_cache.TokenCache, "prepare", counted_prepare)
   trainer.train(config, tmp_path / "whole")
   trainer.train(config, tmp_path / "split", stop_after=2)
   trainer.train(config, tmp_path / "split")
+  # A finished run trains nothing, so it encodes nothing.
+  trainer.train(config, tmp_path / "split")
+  assert len(fills) == 3
   initial = stages.flatten(jax.jit(trainer.build(config).init_state)()["params"])
 
   def final(workdir):
@@ -696,3 +709,7 @@ def test_cached_run_resumes_exactly(request, data_dir, tmp_path):
       assert not np.array_equal(value, initial[name]), name
     else:
       np.testing.assert_array_equal(value, initial[name], err_msg=name)
+  # The saved position is the cache's, which a plain grain iterator cannot read.
+  plain = _run_config(request, data_dir, **dict(changes, **{"aggregator.cache_tokens": 0}))
+  with pytest.raises(checkpoint.CheckpointError, match="saved with other input settings"):
+    trainer.train(plain, tmp_path / "whole")

@@ -16,8 +16,7 @@ def _numbered_batches():
 
 
 def _cache(**changes):
-  settings = {"copies": 2, "batches_per_copy": 3, "keep": ("valid",), "seed": 0,
-              "max_bytes": 2**20} | changes
+  settings = {"batches": 6, "keep": ("valid",), "seed": 0, "max_bytes": 2**20} | changes
   cache = token_cache.TokenCache(_numbered_batches(), **settings)
   cache.prepare(lambda batch: batch["x"] * 10)
   return cache
@@ -58,18 +57,51 @@ def test_seed_changes_order():
 
 
 def test_read_before_prepare_raises():
-  cache = token_cache.TokenCache(
-      _numbered_batches(), copies=1, batches_per_copy=1, keep=(), seed=0, max_bytes=2**20
-  )
+  cache = token_cache.TokenCache(_numbered_batches(), batches=1, keep=(), seed=0, max_bytes=2**20)
   with pytest.raises(RuntimeError, match="prepare must run before"):
     next(cache)
 
 
 def test_oversized_cache_rejected():
   # 6 batches of 2 x 3 float32 tokens and 2 int64 flags: 40 bytes each.
-  with pytest.raises(InputError, match="would take .* more than the allowed"):
+  with pytest.raises(InputError, match="exceeded .* after 6 of 6 batches"):
     _cache(max_bytes=6 * 40 - 1)
   _cache(max_bytes=6 * 40)
+
+
+def test_growing_batches_checked_as_they_fill():
+  def growing():
+    for number in range(1, 10):
+      yield {"x": np.zeros((number, 25), np.float32)}
+
+  # 100, 200 and 300 bytes of tokens: the third batch passes 550.
+  cache = token_cache.TokenCache(growing(), batches=4, keep=(), seed=0, max_bytes=550)
+  with pytest.raises(InputError, match="after 3 of 4 batches"):
+    cache.prepare(lambda batch: batch["x"])
+
+
+def test_failed_prepare_leaves_cache_empty():
+  calls = []
+
+  def encode(batch):
+    calls.append(1)
+    if len(calls) == 2:
+      raise ValueError("encoder failed")
+    return batch["x"]
+
+  cache = token_cache.TokenCache(_numbered_batches(), batches=3, keep=(), seed=0, max_bytes=2**20)
+  with pytest.raises(ValueError, match="encoder failed"):
+    cache.prepare(encode)
+  with pytest.raises(RuntimeError, match="prepare must run before"):
+    next(cache)
+
+
+def test_foreign_state_rejected():
+  cache = _cache()
+  with pytest.raises(InputError, match="not of a token cache"):
+    cache.set_state(b'{"next_index": 4}')
+  with pytest.raises(InputError, match="cache_tokens of the saved run"):
+    cache.set_state(b"not json")
 
 
 def test_missing_kept_field_named():

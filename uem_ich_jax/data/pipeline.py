@@ -476,8 +476,7 @@ def train_shard(
 ) -> np.ndarray:
   """Return the example indices one pass of `train_dataset` reads in this shard, before shuffling.
 
-  A pass yields len(result) // batch_size batches. The arguments mean what
-  they mean in `train_dataset`.
+  The arguments mean what they mean in `train_dataset`.
   """
   if batch_size < 1:
     raise DataPipelineError(f"batch_size must be at least 1, got {batch_size}")
@@ -516,8 +515,9 @@ def train_dataset(
   Args:
     source: a TFDS data source (`load_source`).
     folds: folds to train on (see `other_folds`).
-    batch_size: examples per batch in this process; the last partial batch of
-      each pass is dropped.
+    batch_size: examples per batch in this process. With `num_epochs` None a
+      batch may span two passes; with a finite `num_epochs` the last partial
+      batch is dropped.
     seed: seeds the shuffle and the augmentation; the same seed, shard and
       sizes give the same batches.
     augment: augmentation ranges, or None for none.

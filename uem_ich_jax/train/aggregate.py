@@ -11,7 +11,7 @@ and valid scans, in float32. With `config.aggregator.freeze_encoder` the
 encoder runs in evaluation mode, its features are cut from the gradient and
 `config.optim.encoder_lr` must be 0, so that AdamW's weight decay does not
 move it either. Encoding is then most of a step's time, so
-`config.aggregator.cache_tokens = K` encodes K passes of the training scans
+`config.aggregator.cache_tokens = K` encodes K passes over the training scans
 once, each with its own shuffle and augmentation, and trains the aggregator
 and head on these cached tokens (`token_cache.TokenCache`). Evaluation always
 encodes the images. Evaluation scores per-scan probabilities with
@@ -298,11 +298,11 @@ def train_input(setup: Any, iterator: Any, source: Any) -> Any:
       patient_fraction=config.data.get("patient_fraction", 1.0),
       patient_seed=config.data.get("patient_seed", 0),
   )
+  # Batches run across passes, so K passes fill ceil(K * scans / batch) batches.
   return token_cache.TokenCache(
       iterator,
-      copies=copies,
-      batches_per_copy=len(shard) // batch_size,
-      keep=("slice_mask", label_field(config), "valid"),
+      batches=-(-copies * len(shard) // batch_size),
+      keep=tuple(key for key in _AggregatorStage.batch_keys_for(config) if key != "image"),
       seed=config.seed,
       max_bytes=float(aggregator_setting(config, "cache_max_gib")) * 2**30,
   )

@@ -180,16 +180,26 @@ class CheckpointManager:
     given, is moved to its saved position in place.
     """
     self.wait()
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+    state = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      restored = self._manager.restore(step, args=state)
     except (ValueError, KeyError, TypeError) as error:
       raise CheckpointError(
           f"checkpoint {self.directory / str(step)} does not match the model and optimizer of"
           f" this config: {error}"
       ) from error
+    if iterator is not None:
+      # Restored on its own, so that a mismatch is reported as an input mismatch.
+      data = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator))
+      try:
+        self._manager.restore(step, args=data)
+      except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"the training input position in checkpoint {self.directory / str(step)} does not"
+            f" fit this config's input (missing or invalid {error}): the run was saved with"
+            " other input settings, such as config.aggregator.cache_tokens. Resume with the"
+            " saved run's input settings, or start a new work directory"
+        ) from error
     return restored["state"]
 
   def restore_arrays(self, step: int) -> Any:

@@ -42,12 +42,14 @@ class Stage(Protocol):
   `encoder_path` (the encoder's attribute) or `encoder_arrays` (for an encoder
   at the model root) make the stage export its encoder; `check_config`
   validates the config before anything compiles; `write_images` draws
-  pictures during training; `train_input(setup, iterator, source)` may wrap
-  the training iterator before a resume restores its position, and
-  `prepare_train_input(setup, state, iterator)` then runs once the state is
-  ready, before the first step (the aggregator's token cache uses both). A
-  wrapped iterator with a `batch_keys` attribute names the fields of its
-  batches.
+  pictures during training.
+
+  Two more hooks let a stage replace its training input, as the aggregator's
+  token cache does. `train_input(setup, iterator, source)` may wrap the
+  training iterator before a resume restores its position. Then
+  `prepare_train_input(setup, state, iterator)` runs once the state is ready,
+  before the first step. A wrapped iterator with a `batch_keys` attribute
+  names the fields of its batches.
   """
 
   name: str

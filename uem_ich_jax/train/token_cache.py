@@ -1,11 +1,12 @@
 """Training batches whose images a frozen encoder turned into tokens once, replayed at every step.
 
 A stage that trains a head on a frozen encoder spends most of a step encoding
-images whose features never change. `TokenCache` reads `copies` passes of the
-training input, each with its own shuffle and augmentation, encodes every
-batch once and keeps the tokens in host memory. Training then replays these
-batches, all of them once per pass, in an order drawn afresh for each pass
-from (seed, pass). The order depends only on the position, so the
+images whose features never change. `TokenCache` reads the first `batches`
+batches of the training input (for the aggregator, enough for K passes over
+the training scans, each with its own shuffle and augmentation), encodes each
+once and keeps the tokens in host memory. Training then replays the cached
+batches, each once per replay, in an order drawn afresh for every replay from
+(seed, replay number). The order depends only on the position, so the
 checkpointed state is one integer. A resumed run encodes the same batches
 again, because the input pipeline and the frozen encoder are deterministic.
 
@@ -30,38 +31,36 @@ logger = logging.getLogger(__name__)
 
 # Field the tokens are stored under in a cached batch.
 TOKENS = "tokens"
+# Marks a saved state as this iterator's, so a checkpoint of another input is recognised.
+STATE_KIND = "token_cache"
 
 
 class TokenCache:
   """An endless iterator over cached token batches (see the module docstring).
 
   Args:
-    images: the training input iterator; only its first
-      `copies * batches_per_copy` batches are read, by `prepare`.
-    copies: passes of the training input to encode.
-    batches_per_copy: batches in one pass of the training input.
+    images: the training input iterator; `prepare` reads its first `batches`
+      batches.
+    batches: how many batches to encode and cache.
     keep: batch fields stored beside the tokens (labels, masks, `valid`).
     seed: seeds the replay order.
-    max_bytes: the largest cache allowed, checked after the first batch.
+    max_bytes: the largest cache allowed. Filling stops with an error as soon
+      as the cache exceeds it.
   """
 
   def __init__(
       self,
       images: Iterator[Mapping[str, Any]],
       *,
-      copies: int,
-      batches_per_copy: int,
+      batches: int,
       keep: tuple[str, ...],
       seed: int,
       max_bytes: float,
   ):
-    if copies < 1 or batches_per_copy < 1:
-      raise InputError(
-          f"a token cache needs at least one copy and one batch per copy, got copies={copies}"
-          f" and batches_per_copy={batches_per_copy}"
-      )
+    if batches < 1:
+      raise InputError(f"a token cache needs at least one batch, got batches={batches}")
     self._images = images
-    self._count = copies * batches_per_copy
+    self._count = batches
     self._keep = tuple(keep)
     self._seed = seed
     self._max_bytes = max_bytes
@@ -74,10 +73,16 @@ class TokenCache:
     return (TOKENS, *self._keep)
 
   def prepare(self, encode: Callable[[Mapping[str, Any]], np.ndarray]) -> None:
-    """Encode the cached batches with `encode` (image batch -> tokens), once."""
+    """Encode the cached batches with `encode` (image batch -> tokens), once.
+
+    The cache is kept only when every batch is encoded, so a failed call
+    leaves it empty.
+    """
     if self._batches:
       return
     start = time.perf_counter()
+    filled: list[dict[str, np.ndarray]] = []
+    total_bytes = 0
     for index in range(self._count):
       batch = next(self._images)
       missing = [key for key in self._keep if key not in batch]
@@ -85,30 +90,29 @@ class TokenCache:
         raise InputError(f"training batches lack the fields {missing} that the token cache keeps")
       cached = {key: np.asarray(batch[key]) for key in self._keep}
       cached[TOKENS] = np.asarray(encode(batch))
-      if index == 0:
-        self._check_size(sum(value.nbytes for value in cached.values()))
-      self._batches.append(cached)
+      total_bytes += sum(value.nbytes for value in cached.values())
+      self._check_size(total_bytes, index + 1)
+      filled.append(cached)
       if (index + 1) % max(1, self._count // 10) == 0 or index + 1 == self._count:
         elapsed = time.perf_counter() - start
         logger.info(
-            "token cache: encoded %d of %d batches in %.0f s (%.2f s a batch)",
+            "token cache: encoded %d of %d batches in %.0f s (%.2f s a batch), %.1f MiB",
             index + 1,
             self._count,
             elapsed,
             elapsed / (index + 1),
+            total_bytes / 2**20,
         )
+    self._batches = filled
 
-  def _check_size(self, batch_bytes: int) -> None:
-    total = batch_bytes * self._count
-    if total > self._max_bytes:
-      raise InputError(
-          f"the token cache would take {total / 2**30:.1f} GiB of host memory ({self._count}"
-          f" batches of {batch_bytes / 2**20:.1f} MiB), more than the allowed"
-          f" {self._max_bytes / 2**30:.1f} GiB; lower config.aggregator.cache_tokens, raise"
-          " config.aggregator.cache_max_gib, or set cache_tokens to 0 to encode at every step"
-      )
-    logger.info(
-        "token cache: %d batches, %.1f MiB in host memory", self._count, total / 2**20
+  def _check_size(self, total_bytes: int, filled: int) -> None:
+    if total_bytes <= self._max_bytes:
+      return
+    raise InputError(
+        f"the token cache exceeded {self._max_bytes / 2**30:.2f} GiB of host memory after"
+        f" {filled} of {self._count} batches ({total_bytes / 2**30:.2f} GiB); lower"
+        " config.aggregator.cache_tokens, raise config.aggregator.cache_max_gib, or set"
+        " cache_tokens to 0 to encode at every step"
     )
 
   def __iter__(self) -> TokenCache:
@@ -124,13 +128,29 @@ class TokenCache:
     return self._batches[order[index]]
 
   def get_state(self) -> bytes:
-    return json.dumps({"position": self._position}).encode()
+    return json.dumps({"kind": STATE_KIND, "position": self._position}).encode()
 
   def set_state(self, state: bytes) -> None:
-    self._position = int(json.loads(state)["position"])
+    """Continue from a state `get_state` returned.
+
+    Raises:
+      InputError: for the saved state of another input, such as a run saved
+        without the token cache.
+    """
+    try:
+      saved = json.loads(state)
+    except ValueError:
+      saved = None
+    if not isinstance(saved, dict) or saved.get("kind") != STATE_KIND:
+      raise InputError(
+          "the checkpoint holds the position of another training input, not of a token cache;"
+          " resume with the config.aggregator.cache_tokens of the saved run, or start a new"
+          " work directory"
+      )
+    self._position = int(saved["position"])
 
   def start_prefetch(self) -> None:
-    """Nothing to prefetch: the batches are in memory. grain's checkpoint handler calls it."""
+    """Do nothing, because the batches are in memory. grain's checkpoint handler calls it."""
 
   def close(self) -> None:
     close = getattr(self._images, "close", None)

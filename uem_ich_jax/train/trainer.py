@@ -692,8 +692,9 @@ def train(
     else:
       state = _initialise(setup)
     start = int(state["step"])
+    last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
     prepare_input = getattr(setup.stage, "prepare_train_input", None)
-    if prepare_input is not None and start < config.num_steps:
+    if prepare_input is not None and start < last:
       prepare_input(setup, state, iterator)
     if start >= config.num_steps:
       logger.info(
@@ -708,7 +709,6 @@ def train(
     compiled_steps = {}
     progress = writer_lib.Progress(config.num_steps, start)
     last_checked = start
-    last = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
     for step in range(start, last):
       batch = model_batch(setup, next(iterator), getattr(iterator, "batch_keys", None))
       shapes = tuple(sorted((key, np.shape(value)) for key, value in batch.items()))
