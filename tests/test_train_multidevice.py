@@ -213,3 +213,72 @@ def test_two_processes_train_as_two_hosts(request, tmp_path, data_source):
   summary = json.loads(stdout[stdout.index('{\n  "train"'):])
   assert summary["step"] == 2
   assert "auc_macro" in summary["validation"]
+
+
+# The aggregator's token cache on a (data 4, fsdp 2) mesh against 1 device:
+# the tokens gathered back to the host from the sharded encoder must match.
+CACHE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from uem_ich_jax.train import aggregate, config_file, token_cache, trainer
+
+    spec = sys.argv[1]
+    assert jax.device_count() == 8, jax.devices()
+    rng = np.random.default_rng(0)
+    slice_mask = np.ones((8, 4), bool)
+    slice_mask[::3, 2:] = False
+    batch = {
+        "image": rng.uniform(-1, 1, (8, 4, 64, 64, 3)).astype(np.float32),
+        "slice_mask": slice_mask,
+        "labels": rng.integers(0, 2, (8, 6)).astype(np.int32),
+        "valid": np.ones((8,), bool),
+    }
+    tokens = []
+    for data, fsdp, devices in ((4, 2, None), (1, 1, jax.devices()[:1])):
+      config = config_file.load(spec, [
+          f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
+          "--config.min_shard_size=256", "--config.data.batch_size=8",
+          "--config.data.eval_batch_size=8", "--config.aggregator.cache_tokens=1",
+      ])
+      setup = trainer.build(config, devices)
+      state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+      cache = token_cache.TokenCache(
+          iter([batch]), batches=1, keep=("slice_mask", "labels", "valid"), seed=0,
+          max_bytes=2**30,
+      )
+      aggregate.prepare_train_input(setup, state, cache)
+      tokens.append(next(cache)["tokens"])
+    print("RESULT " + json.dumps(dict(
+        shape=list(tokens[0].shape),
+        diff=float(np.max(np.abs(tokens[0] - tokens[1]))),
+        padded_max=float(np.max(np.abs(tokens[0][0, 2:]))),
+    )))
+    """
+)
+
+
+@pytest.mark.slow
+def test_token_cache_on_eight_devices_matches_one(request):
+  config = request.config.rootpath / "configs" / "aggregator_synthetic.py"
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=8",
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(tempfile.gettempdir()) / "uem_ich_jax_jit_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  completed = subprocess.run(
+      [sys.executable, "-c", CACHE_SCRIPT, f"{config}:smoke"],
+      env=env, capture_output=True, text=True, timeout=600,
+  )
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+  assert lines, completed.stdout[-3000:]
+  result = json.loads(lines[-1][len("RESULT "):])
+  # 8 scans x 4 slices of 64 px: a 2 x 2 token grid of 320 channels (atto's last stage).
+  assert result["shape"] == [8, 4, 2, 2, 320]
+  # Padded slices are encoded fully masked, so their tokens are 0.
+  assert result["padded_max"] == 0.0
+  # Same parameters and inputs; only the reduction order differs.
+  assert result["diff"] < 1e-4

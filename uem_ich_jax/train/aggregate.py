@@ -218,7 +218,7 @@ def logits(
 ) -> jax.Array:
   """Return the (B, num_classes) float32 logits of a batch of padded scans.
 
-  A batch from the token cache holds `tokens` instead of images, and only the
+  A batch from the token cache contains `tokens` instead of images, and only the
   aggregator and head run.
   """
   if token_cache.TOKENS in batch:
@@ -309,7 +309,7 @@ def train_input(setup: Any, iterator: Any, source: Any) -> Any:
 
 
 def prepare_train_input(setup: Any, state: Any, iterator: Any) -> None:
-  """Fill a `TokenCache` with the frozen encoder of `state`; other iterators need nothing."""
+  """Fill a `TokenCache` with the tokens of the frozen encoder in `state`; leave other iterators alone."""
   if not isinstance(iterator, token_cache.TokenCache):
     return
 
