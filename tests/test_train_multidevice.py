@@ -94,6 +94,19 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def _cpu_env(device_count: int, **extra: str) -> dict[str, str]:
+  """Return this environment with `device_count` forced CPU devices and the shared compile cache."""
+  return dict(
+      os.environ,
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}",
+      JAX_PLATFORMS="cpu",
+      # Same persistent compilation cache as test_train_loop.py.
+      JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(tempfile.gettempdir()) / "uem_ich_jax_jit_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      **extra,
+  )
+
+
 @pytest.fixture(scope="module")
 def data_source(tmp_path_factory):
   directory = tmp_path_factory.mktemp("tfds")
@@ -109,14 +122,7 @@ def data_source(tmp_path_factory):
 def result(request, tmp_path_factory, data_source):
   config = request.config.rootpath / "configs" / "classification_synthetic.py"
   data_dir, _ = data_source
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=8",
-      JAX_PLATFORMS="cpu",
-      # Same persistent compilation cache as test_train_loop.py.
-      JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(tempfile.gettempdir()) / "uem_ich_jax_jit_cache"),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-  )
+  env = _cpu_env(8)
   workdir = tmp_path_factory.mktemp("eight")
   completed = subprocess.run(
       [
@@ -261,13 +267,7 @@ CACHE_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_token_cache_on_eight_devices_matches_one(request):
   config = request.config.rootpath / "configs" / "aggregator_synthetic.py"
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=8",
-      JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(tempfile.gettempdir()) / "uem_ich_jax_jit_cache"),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-  )
+  env = _cpu_env(8)
   completed = subprocess.run(
       [sys.executable, "-c", CACHE_SCRIPT, f"{config}:smoke"],
       env=env, capture_output=True, text=True, timeout=600,
