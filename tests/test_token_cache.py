@@ -8,7 +8,7 @@ from uem_ich_jax.train import token_cache
 
 
 def _numbered_batches():
-  """An endless input whose batch n holds n in `x` and `valid`."""
+  """An endless input whose batch n contains n in `x` and `valid`."""
   number = 0
   while True:
     yield {"x": np.full((2, 3), number, np.float32), "valid": np.array([number, number])}

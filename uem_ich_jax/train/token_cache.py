@@ -143,7 +143,7 @@ class TokenCache:
       saved = None
     if not isinstance(saved, dict) or saved.get("kind") != STATE_KIND:
       raise InputError(
-          "the checkpoint holds the position of another training input, not of a token cache;"
+          "the checkpoint contains the position of another training input, not of a token cache;"
           " resume with the config.aggregator.cache_tokens of the saved run, or start a new"
           " work directory"
       )
