@@ -322,7 +322,8 @@ def table(values: dict[str, dict[str, float | None]], stages: dict[str, dict[str
   return "\n".join(lines), rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """Parse the driver's command line; unset flags take the curriculum's defaults."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--seed", type=int, default=0)
@@ -367,7 +368,11 @@ def main(argv: list[str] | None = None) -> int:
       "--token-features", default="pyramid", choices=("last", "pyramid"),
       help="aggregator tokens: the last stage only (upstream) or every stage max-pooled to its grid",
   )
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
   args.workdir.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()

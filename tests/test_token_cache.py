@@ -105,5 +105,5 @@ def test_foreign_state_rejected():
 
 
 def test_missing_kept_field_named():
-  with pytest.raises(InputError, match=r"lack the fields \['labels'\]"):
+  with pytest.raises(InputError, match=r"missing the fields \['labels'\]"):
     _cache(keep=("labels",))

@@ -87,7 +87,9 @@ class TokenCache:
       batch = next(self._images)
       missing = [key for key in self._keep if key not in batch]
       if missing:
-        raise InputError(f"training batches lack the fields {missing} that the token cache keeps")
+        raise InputError(
+            f"training batches are missing the fields {missing} that the token cache keeps"
+        )
       cached = {key: np.asarray(batch[key]) for key in self._keep}
       cached[TOKENS] = np.asarray(encode(batch))
       total_bytes += sum(value.nbytes for value in cached.values())
