@@ -12,6 +12,7 @@ from uem_ich_jax import data
 from uem_ich_jax.ct.windowing import uint8_to_model_input
 from uem_ich_jax.data import augment
 from uem_ich_jax.datasets.synthetic_ich import SyntheticIch, SyntheticIchConfig
+from uem_ich_jax.errors import InputError
 
 NUM_SCANS = 10
 NUM_SLICES = 5
@@ -65,7 +66,13 @@ def _asymmetric_example(rows=32, columns=40):
   mask[4:10, 3:8] = 5  # Left side only.
   mask[20:23, 30:37] = 2
   boxes = np.array([[4, 3, 10, 8], [20, 30, 23, 37]], np.float32)
-  return {"image": image, "mask": mask, "boxes": boxes, "box_classes": np.array([5, 2], np.int32)}
+  return {
+      "image": image,
+      "mask": mask,
+      "boxes": boxes,
+      "box_classes": np.array([5, 2], np.int32),
+      "spacing": np.array([5.0, 1.0, 1.0], np.float32),
+  }
 
 
 def _mask_box(mask, class_id):
@@ -130,6 +137,14 @@ def test_boxes_from_warped_mask_stay_tight():
   assert (corner_box[2] - corner_box[0]) * (corner_box[3] - corner_box[1]) > 1.2 * (
       (tight[2] - tight[0]) * (tight[3] - tight[1])
   )
+
+
+def test_boxes_from_warped_mask_need_the_spacing():
+  example = _asymmetric_example()
+  del example["spacing"]
+  params = augment.AugmentParams(rotation_deg=15.0, boxes_from_mask=True)
+  with pytest.raises(InputError, match="spacing"):
+    augment.apply_augmentation(example, params)
 
 
 def test_box_pushed_out_of_image_is_dropped():

@@ -14,7 +14,7 @@ from uem_ich_jax import CQ500_LABELS, MASK_CLASS_IDS, SLICE_LABELS, SUBTYPES
 from uem_ich_jax.ct.dicom import read_dicom_series
 from uem_ich_jax.ct.nifti import read_nifti, read_nifti_pair
 from uem_ich_jax.errors import InputError
-from uem_ich_jax.phantom import PhantomScan, findings, generate_scan, write_dicom, write_nifti
+from uem_ich_jax.phantom import PhantomScan, findings, generate, generate_scan, write_dicom, write_nifti
 
 # A small grid with room for every subtype, so most tests stay fast.
 SMALL = dict(shape=(16, 128, 128), spacing_mm=(8.0, 1.8, 1.8))
@@ -158,19 +158,70 @@ def test_slice_labels_agree_with_mask(scans_per_subtype):
       np.testing.assert_array_equal(scan.slice_labels[:, column], expected, err_msg=label)
 
 
-def test_boxes_agree_with_mask(scans_per_subtype):
-  eight = np.ones((3, 3), bool)
+def test_boxes_are_tight_around_blood_of_their_class(scans_per_subtype):
   for scan in scans_per_subtype.values():
     for k in range(scan.mask.shape[0]):
-      expected = []
+      for class_id, box in zip(scan.box_classes[k], scan.boxes[k]):
+        row_min, column_min, row_max, column_max = map(int, box)
+        inside = scan.mask[k, row_min:row_max, column_min:column_max] == class_id
+        # Every edge row and column of a tight box has blood of its class.
+        for edge in (inside[0], inside[-1], inside[:, 0], inside[:, -1]):
+          assert edge.any(), f"slice {k} box {box}"
+
+
+def test_boxes_cover_all_blood_but_small_bleeds(scans_per_subtype):
+  for scan in scans_per_subtype.values():
+    pixel_mm2 = scan.volume.spacing[1] * scan.volume.spacing[2]
+    for k in range(scan.mask.shape[0]):
       for class_id in range(1, 6):
-        regions, _ = ndimage.label(scan.mask[k] == class_id, structure=eight)
-        for rows, columns in ndimage.find_objects(regions):
-          expected.append((class_id, rows.start, columns.start, rows.stop, columns.stop))
-      found = [
-          (int(c), *map(int, box)) for c, box in zip(scan.box_classes[k], scan.boxes[k])
-      ]
-      assert sorted(found) == sorted(expected), f"slice {k}"
+        blood = scan.mask[k] == class_id
+        covered = np.zeros_like(blood)
+        for box_class, box in zip(scan.box_classes[k], scan.boxes[k]):
+          if box_class == class_id:
+            row_min, column_min, row_max, column_max = map(int, box)
+            covered[row_min:row_max, column_min:column_max] = True
+        # Blood outside every box is in bleeds too small for a box.
+        outside, _ = ndimage.label(blood & ~covered, structure=np.ones((3, 3), bool))
+        for found in ndimage.find_objects(outside):
+          area_mm2 = np.count_nonzero(outside[found]) * pixel_mm2
+          assert area_mm2 < generate.BOX_MIN_AREA_MM2, f"slice {k} class {class_id}"
+
+
+def _one_slice_boxes(mask, pixel_mm=(2.4, 2.4)):
+  boxes, classes = generate.boxes_from_mask(np.asarray(mask, np.uint8)[None], pixel_mm)
+  return [(int(c), *map(int, b)) for c, b in zip(classes[0], boxes[0])]
+
+
+def test_boxes_merge_close_pieces():
+  mask = np.zeros((20, 20), np.uint8)
+  mask[2:6, 2:6] = 4
+  mask[2:6, 8:12] = 4  # 2 px = 4.8 mm from the first piece: one bleed.
+  mask[12:16, 2:6] = 4
+  mask[12:16, 9:13] = 4  # 3 px = 7.2 mm from its neighbour: two bleeds.
+  assert _one_slice_boxes(mask) == [(4, 2, 2, 6, 12), (4, 12, 2, 16, 6), (4, 12, 9, 16, 13)]
+
+
+def test_merge_gap_and_min_area_are_in_mm():
+  mask = np.zeros((20, 20), np.uint8)
+  mask[2:6, 2:6] = 4
+  mask[2:6, 10:14] = 4  # 4 px apart: 4 mm at 1 mm pixels, 9.6 mm at 2.4 mm.
+  assert len(_one_slice_boxes(mask, pixel_mm=(1.0, 1.0))) == 1
+  assert len(_one_slice_boxes(mask, pixel_mm=(2.4, 2.4))) == 2
+
+
+def test_boxes_skip_small_bleeds():
+  mask = np.zeros((20, 20), np.uint8)
+  mask[2, 2:5] = 2  # 3 px of 5.76 mm2: 17.3 mm2, under the 20 mm2 minimum.
+  mask[10, 2:6] = 2  # 4 px: 23 mm2, boxed.
+  mask[10, 7:11] = 3  # one pixel from the class 2 bleed, but another class.
+  assert _one_slice_boxes(mask) == [(2, 10, 2, 11, 6), (3, 10, 7, 11, 11)]
+  # The mask and slice labels keep the small bleed: only the boxes drop it.
+  assert np.count_nonzero(mask == 2) == 7
+
+
+def test_boxes_from_mask_rejects_bad_spacing():
+  with pytest.raises(ValueError, match="pixel_mm"):
+    generate.boxes_from_mask(np.zeros((1, 4, 4), np.uint8), (0.0, 1.0))
 
 
 def test_hematoma_volume_agrees_with_mask(scans_per_subtype):

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 import uem_ich_jax
 from uem_ich_jax import phantom
 from uem_ich_jax.ct.windowing import windows_uint8
+from uem_ich_jax.datasets.common import fold_ranges
 from uem_ich_jax.phantom import PhantomScan
 
 _DESCRIPTION = """\
@@ -159,17 +160,6 @@ def plan_scans(config: SyntheticIchConfig) -> list[PlannedScan]:
   ]
 
 
-def fold_ranges(folds: list[int]) -> list[list[int]]:
-  """Run-length encode per-example folds as [start, stop, fold] rows."""
-  ranges = []
-  for index, fold in enumerate(folds):
-    if ranges and ranges[-1][2] == fold and ranges[-1][1] == index:
-      ranges[-1][1] = index + 1
-    else:
-      ranges.append([index, index + 1, int(fold)])
-  return ranges
-
-
 def _generate_scan(planned: PlannedScan, config: SyntheticIchConfig) -> PhantomScan:
   shape = (config.num_slices, config.image_size, config.image_size)
   pixel_mm = config.field_of_view_mm / config.image_size
@@ -185,7 +175,7 @@ class SyntheticIch(tfds.core.GeneratorBasedBuilder):
   """Seeded synthetic head CT with the five hemorrhage subtypes and the CQ500 findings."""
 
   name = "synthetic_ich"
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
       "1.0.0": "First release: slices and scans layouts, patient folds.",
       "1.1.0": (
@@ -193,6 +183,11 @@ class SyntheticIch(tfds.core.GeneratorBasedBuilder):
           " calvarial and other fractures, midline shift from mass effect, bleed"
           " side). Scans gain `cq500_labels`, `midline_shift_mm` and `affine`;"
           " slices gain `affine`. Scans without the new findings are unchanged."
+      ),
+      "1.2.0": (
+          "Boxes per bleed, as a reader draws them: pieces of a class at most 5 mm"
+          " apart on a slice share a box, and bleeds under 20 mm2 on a slice get"
+          " none. Images, masks and labels are unchanged."
       ),
   }
   BUILDER_CONFIGS = _configs()

@@ -166,13 +166,25 @@ def warp_boxes(
   return warped[keep], classes[keep]
 
 
-def _boxes_from_slice_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Return the boxes and classes of one (rows, columns) class-id mask."""
+def _boxes_from_slice_mask(
+    mask: np.ndarray, spacing: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Return the boxes and classes of one (rows, columns) class-id mask.
+
+  `spacing` is the example's (slice, row, column) spacing in mm; the box rule
+  (see `phantom.generate.boxes_from_mask`) is in mm. The warp's zoom is left
+  out of the pixel size: the rule is a reader's habit, not an exact size.
+  """
   from uem_ich_jax.phantom import generate
 
   if mask.ndim != 2:
     raise InputError(f"boxes_from_mask needs a (rows, columns) mask per example, got shape {mask.shape}")
-  boxes, classes = generate.boxes_from_mask(mask[None])
+  if spacing is None:
+    raise InputError("boxes_from_mask needs the example's 'spacing' (mm) to draw boxes by size")
+  spacing = np.asarray(spacing, dtype=np.float64).reshape(-1)
+  if spacing.shape != (3,):
+    raise InputError(f"boxes_from_mask needs a (slice, row, column) spacing, got {spacing.tolist()}")
+  boxes, classes = generate.boxes_from_mask(mask[None], spacing[1:])
   return boxes[0], classes[0]
 
 
@@ -213,7 +225,9 @@ def apply_augmentation(example: dict[str, Any], params: AugmentParams) -> dict[s
     if "mask" in example:
       out["mask"] = warp_mask(np.asarray(example["mask"]), matrix)
     if "boxes" in example and params.boxes_from_mask and "mask" in out:
-      out["boxes"], out["box_classes"] = _boxes_from_slice_mask(out["mask"])
+      out["boxes"], out["box_classes"] = _boxes_from_slice_mask(
+          out["mask"], example.get("spacing")
+      )
     elif "boxes" in example:
       out["boxes"], out["box_classes"] = warp_boxes(
           example["boxes"], example["box_classes"], matrix, rows, columns
