@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.drop_path_rate = 0.1
   config.model.coordinate_attention_stages = (2, 3)
   config.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+  # Depthwise convolutions: "auto" (shifted multiply-adds on CPU, lax.conv on
+  # accelerators), "conv" or "shifted"; equal parameters and values either way.
+  config.model.depthwise = "auto"
   config.model.width = 8  # tiny_cnn only: channels of its first stage, doubling per stage
   config.model.depth = 2  # tiny_cnn only: stride-2 convolution stages
   config.model.pool = "avg"  # tiny_cnn only: "avg" or "avgmax" (average and max, concatenated)

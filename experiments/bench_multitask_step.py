@@ -6,7 +6,9 @@ initialised model with the curriculum's multi-task settings:
     python experiments/bench_multitask_step.py --workdir=work/curriculum
 
 Prints the median of 5 timed steps (after 2 untimed ones) for the full step,
-the step without detection, and the step with `model.classify_at_stride4`.
+the step with depthwise convolutions through `lax.conv` (the default on CPU
+is shifted multiply-adds), the step without detection, and the step with
+`model.classify_at_stride4`.
 The input pipeline is not timed.
 """
 
@@ -27,6 +29,7 @@ from uem_ich_jax.train import trainer  # noqa: E402
 
 VARIANTS = {
     "full step": {},
+    "depthwise as lax.conv": {"model.depthwise": "conv"},
     "without detection": {"multitask.detection": False},
     "classify_at_stride4": {"model.classify_at_stride4": True},
 }

@@ -59,6 +59,9 @@ class ConvNeXtV2Config:
       max(min_channels, C // reduction).
     coordinate_attention_min_channels: lower bound of that width.
     dtype: compute dtype (float32 or bfloat16). Parameters are always float32.
+    depthwise: how depthwise convolutions are computed, one of
+      `layers.DEPTHWISE_IMPLEMENTATIONS`; "auto" picks the fast one for the
+      backend. The parameters are the same for all.
   """
 
   variant: str = "atto"
@@ -72,6 +75,7 @@ class ConvNeXtV2Config:
   coordinate_attention_reduction: int = 32
   coordinate_attention_min_channels: int = 8
   dtype: jnp.dtype = jnp.float32
+  depthwise: str = "auto"
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -85,6 +89,10 @@ class ConvNeXtV2Config:
     if any(stage not in range(4) for stage in stages):
       raise ValueError(f"coordinate_attention_stages must be stage indices 0..3, got {stages}")
     object.__setattr__(self, "coordinate_attention_stages", tuple(sorted(set(stages))))
+    if self.depthwise not in layers.DEPTHWISE_IMPLEMENTATIONS:
+      raise ValueError(
+          f"depthwise must be one of {layers.DEPTHWISE_IMPLEMENTATIONS}, got {self.depthwise!r}"
+      )
     if not 0.0 <= self.drop_path_rate < 1.0:
       raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
@@ -100,9 +108,19 @@ class ConvNeXtV2Config:
 class Block(nnx.Module):
   """ConvNeXt-V2 block: dwconv 7x7, LN, Linear C->4C, GELU, GRN, Linear 4C->C, drop path, residual."""
 
-  def __init__(self, channels: int, drop_path_rate: float, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      channels: int,
+      drop_path_rate: float,
+      *,
+      dtype: jnp.dtype,
+      depthwise: str = "auto",
+      rngs: nnx.Rngs,
+  ):
     self.dtype = dtype
-    self.conv_dw = layers.DepthwiseConv(channels, 7, dtype=dtype, rngs=rngs)
+    self.conv_dw = layers.DepthwiseConv(
+        channels, 7, dtype=dtype, implementation=depthwise, rngs=rngs
+    )
     self.norm = layers.layer_norm(channels, dtype=dtype, rngs=rngs)
     self.fc1 = layers.linear(channels, 4 * channels, dtype=dtype, rngs=rngs)
     self.grn = layers.GRN(4 * channels, dtype=dtype)
@@ -140,6 +158,7 @@ class Stage(nnx.Module):
       *,
       downsample: bool,
       dtype: jnp.dtype,
+      depthwise: str = "auto",
       rngs: nnx.Rngs,
   ):
     if downsample:
@@ -150,7 +169,10 @@ class Stage(nnx.Module):
     else:
       self.downsample_norm = None
       self.downsample_conv = None
-    self.blocks = nnx.List([Block(out_channels, rate, dtype=dtype, rngs=rngs) for rate in drop_path_rates])
+    self.blocks = nnx.List([
+        Block(out_channels, rate, dtype=dtype, depthwise=depthwise, rngs=rngs)
+        for rate in drop_path_rates
+    ])
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Apply the stage, with `mask` the float (N, H, W, 1) visible map at the output stride or None.
@@ -202,6 +224,7 @@ class ConvNeXtV2(nnx.Module):
               rates[start : start + depth],
               downsample=index > 0,
               dtype=dtype,
+              depthwise=config.depthwise,
               rngs=rngs,
           )
       )

@@ -61,32 +61,62 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   return jax.image.resize(x, shape, method="bilinear", antialias=False).astype(x.dtype)
 
 
+def _depthwise3x3(conv: nnx.Conv, x: jax.Array, dtype: jnp.dtype, implementation: str) -> jax.Array:
+  """Apply a depthwise `_conv3x3` through `layers.depthwise_conv`, the fast one per backend.
+
+  The parameters stay those of the `nnx.Conv` (HWIO kernel (3, 3, 1, C)), so
+  checkpoints and the upstream weight map do not change.
+  """
+  return layers.depthwise_conv(
+      x.astype(dtype), conv.kernel[...], conv.bias[...], implementation=implementation
+  )
+
+
 class MixFFN(nnx.Module):
   """1x1 conv C -> 2C, depthwise 3x3, exact GELU, 1x1 conv 2C -> embed."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      in_channels: int,
+      out_channels: int,
+      *,
+      dtype: jnp.dtype,
+      depthwise: str = "auto",
+      rngs: nnx.Rngs,
+  ):
     hidden = 2 * in_channels
     self.dtype = dtype
+    self.depthwise = depthwise
     self.fc1 = layers.linear(in_channels, hidden, dtype=dtype, rngs=rngs)
     self.dwconv = _conv3x3(hidden, hidden, groups=hidden, dtype=dtype, rngs=rngs)
     self.fc2 = layers.linear(hidden, out_channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.dwconv(self.fc1(x.astype(self.dtype)))
+    x = _depthwise3x3(self.dwconv, self.fc1(x.astype(self.dtype)), self.dtype, self.depthwise)
     return self.fc2(layers.gelu(x))
 
 
 class FusionConv(nnx.Module):
   """Depthwise 3x3 on the concatenated stages, 1x1 down to embed, BatchNorm, GELU."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      in_channels: int,
+      out_channels: int,
+      *,
+      dtype: jnp.dtype,
+      depthwise: str = "auto",
+      rngs: nnx.Rngs,
+  ):
     self.dtype = dtype
+    self.depthwise = depthwise
     self.dwconv = _conv3x3(in_channels, in_channels, groups=in_channels, dtype=dtype, rngs=rngs)
     self.pwconv = layers.linear(in_channels, out_channels, dtype=dtype, rngs=rngs)
     self.bn = layers.batch_norm(out_channels, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _norm_gelu(self.bn, self.pwconv(self.dwconv(x)), self.dtype)
+    x = _depthwise3x3(self.dwconv, x, self.dtype, self.depthwise)
+    return _norm_gelu(self.bn, self.pwconv(x), self.dtype)
 
 
 class BoundaryRefinement(nnx.Module):
@@ -135,6 +165,7 @@ class SegFormerHead(nnx.Module):
       *,
       classify_at_stride4: bool = False,
       dtype: jnp.dtype = jnp.float32,
+      depthwise: str = "auto",
       rngs: nnx.Rngs,
   ):
     if len(in_channels) != NUM_STAGES:
@@ -153,7 +184,7 @@ class SegFormerHead(nnx.Module):
     self.classify_at_stride4 = classify_at_stride4
     self.in_channels = tuple(int(c) for c in in_channels)
     self.mix_ffn = nnx.List(
-        [MixFFN(c, embed_dim, dtype=dtype, rngs=rngs) for c in self.in_channels]
+        [MixFFN(c, embed_dim, dtype=dtype, depthwise=depthwise, rngs=rngs) for c in self.in_channels]
     )
     self.coord_attn = nnx.List(
         [CoordinateAttention(embed_dim, dtype=dtype, rngs=rngs) for _ in self.in_channels]
@@ -161,7 +192,9 @@ class SegFormerHead(nnx.Module):
     self.aux_heads = nnx.List(
         [layers.linear(embed_dim, num_classes, dtype=dtype, rngs=rngs) for _ in self.in_channels]
     )
-    self.fusion = FusionConv(NUM_STAGES * embed_dim, embed_dim, dtype=dtype, rngs=rngs)
+    self.fusion = FusionConv(
+        NUM_STAGES * embed_dim, embed_dim, dtype=dtype, depthwise=depthwise, rngs=rngs
+    )
     self.boundary_refine1 = BoundaryRefinement(embed_dim, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(REFINE_DROPOUT, broadcast_dims=(1, 2), deterministic=True, rngs=rngs)
     self.boundary_refine2 = BoundaryRefinement(embed_dim, dtype=dtype, rngs=rngs)

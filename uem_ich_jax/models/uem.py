@@ -74,6 +74,7 @@ class UEM(ConvNeXtV2):
         heads.segmentation_classes,
         classify_at_stride4=heads.classify_at_stride4,
         dtype=config.dtype,
+        depthwise=config.depthwise,
         rngs=rngs,
     )
     if heads.detection:
