@@ -18,6 +18,7 @@ import time
 import tensorflow_datasets as tfds
 
 import uem_ich_jax.datasets
+from uem_ich_jax.datasets import common
 from uem_ich_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -97,22 +98,87 @@ def _check_writable(data_dir: str) -> None:
     ) from error
 
 
+# Lines of a builder's MANUAL_DOWNLOAD_INSTRUCTIONS quoted in a manual-dir error.
+INSTRUCTION_LINES = 4
+
+
+def _instructions_start(builder_class: type[tfds.core.DatasetBuilder]) -> str:
+  """Return the first non-empty lines of the builder's manual download instructions."""
+  text = builder_class.MANUAL_DOWNLOAD_INSTRUCTIONS or ""
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  quoted = "\n".join(f"  {line}" for line in lines[:INSTRUCTION_LINES])
+  more = "\n  ..." if len(lines) > INSTRUCTION_LINES else ""
+  return f"Manual download instructions of {builder_class.name}:\n{quoted}{more}"
+
+
+def _check_manual_dir(
+    builder_class: type[tfds.core.DatasetBuilder], label: str, manual_dir: str | None
+) -> None:
+  """Fail before any work when a manual-download dataset has no usable manual dir.
+
+  TFDS itself raises a bare AssertionError in that case, deep in the build.
+  """
+  if not builder_class.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    return
+  if manual_dir is None:
+    problem = "needs the release downloaded by hand; pass its folder as --manual-dir"
+  elif not pathlib.Path(manual_dir).is_dir():
+    problem = f"manual dir {manual_dir} does not exist or is not a folder"
+  elif not any(pathlib.Path(manual_dir).iterdir()):
+    problem = f"manual dir {manual_dir} is empty"
+  else:
+    return
+  raise DatasetBuildError(f"{label}: {problem}.\n{_instructions_start(builder_class)}")
+
+
+def beam_download_options(
+    runner: str | None = None, options: list[str] | None = None
+) -> dict:
+  """Return the DownloadConfig keywords that run Beam-based builders, or {} without Beam.
+
+  Without explicit options, TFDS prints a "no beam_runner" warning and Beam
+  parses `sys.argv` (here the `uem-ich` command line) as pipeline options.
+  `options` are Beam pipeline flags such as `--direct_num_workers=2`; the
+  runner defaults to DirectRunner (one machine).
+  """
+  try:
+    from apache_beam.options import pipeline_options  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    if runner or options:
+      raise DatasetBuildError(
+          "a Beam runner or Beam options were given, but apache_beam is not installed;"
+          " install the beam extra: pip install -e '.[beam]'"
+      ) from None
+    return {}
+  return {
+      "beam_runner": runner or "DirectRunner",
+      "beam_options": pipeline_options.PipelineOptions(flags=list(options or [])),
+  }
+
+
 def build_dataset(
     name: str,
     *,
     data_dir: str,
     manual_dir: str | None = None,
     config: str | None = None,
+    beam_runner: str | None = None,
+    beam_options: list[str] | None = None,
 ) -> list[BuiltConfig]:
   """Build dataset `name` (one config, or its default set) as array_record.
 
   Prints the output folder and example counts of each config to stdout. The
   TFDS progress bars are shown when stderr is a terminal and turned off
-  otherwise, so that logs get one line per config instead.
+  otherwise, so that logs get one line per config instead. Builders that
+  generate with Apache Beam (rsna_ich, when apache_beam is installed) run on
+  `beam_runner` (DirectRunner by default) with the pipeline flags
+  `beam_options`, never with flags parsed from `sys.argv`.
 
   Raises:
-    DatasetBuildError: `name` or `config` is unknown, or `data_dir` cannot be
-      written.
+    DatasetBuildError: `name` or `config` is unknown, `data_dir` cannot be
+      written, the manual dir of a manual-download dataset is missing, empty
+      or does not contain the release, or Beam settings are given without
+      apache_beam.
   """
   builder_class = _builder_class(name)
   config_names = _config_names(builder_class, config)
@@ -123,7 +189,9 @@ def build_dataset(
     tfds.disable_progress_bar()
 
   _check_writable(data_dir)
-  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  download_config = tfds.download.DownloadConfig(
+      manual_dir=manual_dir, **beam_download_options(beam_runner, beam_options)
+  )
   results = []
   for config_name in config_names:
     label = name if config_name is None else f"{name}/{config_name}"
@@ -132,8 +200,15 @@ def build_dataset(
     builder = tfds.builder(
         label, data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD
     )
+    if not builder.is_prepared():
+      _check_manual_dir(builder_class, label, manual_dir)
     try:
       builder.download_and_prepare(download_config=download_config)
+    except common.ReleaseNotFoundError as error:
+      raise DatasetBuildError(
+          f"{label}: manual dir {manual_dir} does not contain the release: {error}\n"
+          f"{_instructions_start(builder_class)}"
+      ) from error
     except OSError as error:
       raise DatasetBuildError(f"building {label} into {data_dir} failed: {error}") from error
     seconds = time.perf_counter() - start

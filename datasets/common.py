@@ -15,13 +15,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import Iterable
+import pathlib
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 import uem_ich_jax
 from uem_ich_jax import ct
+from uem_ich_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,45 @@ logger = logging.getLogger(__name__)
 # counts per reason are kept, so that a broken release cannot blow up
 # dataset_info.json.
 MAX_LISTED_BAD_FILES = 1000
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class ReleaseNotFoundError(InputError):
+  """The manual dir does not contain the release's top-level parts (folders, label CSV).
+
+  `uem-ich build-dataset` adds the builder's manual download instructions to
+  the message.
+  """
+
+
+def split_nifti_suffix(file_name: str) -> tuple[str, bool]:
+  """Return the file name without `.nii.gz` or `.nii` (any case), and whether it had one."""
+  lowered = file_name.lower()
+  for suffix in NIFTI_SUFFIXES:
+    if lowered.endswith(suffix):
+      return file_name[: -len(suffix)], True
+  return file_name, False
+
+
+def find_file_ignoring_case(folder: pathlib.Path, name: str) -> pathlib.Path | None:
+  """Return the file in `folder` whose name equals `name` ignoring case, or None.
+
+  Raises:
+    InputError: several files match, for example `Reads.csv` and `reads.csv`.
+  """
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    return None
+  matches = sorted(
+      path for path in folder.iterdir() if path.is_file() and path.name.lower() == name.lower()
+  )
+  if len(matches) > 1:
+    raise InputError(
+        f"{folder} contains several files named {name} (ignoring case), so the file is"
+        f" ambiguous: {', '.join(path.name for path in matches)}; keep one"
+    )
+  return matches[0] if matches else None
 
 
 def patient_folds(patient_ids: Iterable[str], num_folds: int, seed: int = 0) -> dict[str, int]:
@@ -119,6 +160,21 @@ class BuildReport:
   def log(self) -> None:
     """Log the summary: a warning when files were left out or noted, else info."""
     (logger.warning if self.entries else logger.info)(self.summary())
+
+
+def store_build_metadata(
+    metadata: dict, *, num_folds: int, folds: Sequence[int], report: BuildReport
+) -> None:
+  """Store `num_folds`, `fold_ranges` and `bad_files` of a one-split (train) build and log the report.
+
+  `folds` are the folds of the examples written, in key order. Call this when
+  the example generator is exhausted: TFDS writes the metadata after that, so
+  the ranges describe what was stored, not what was planned.
+  """
+  metadata["num_folds"] = int(num_folds)
+  metadata["fold_ranges"] = {"train": fold_ranges(folds)}
+  metadata["bad_files"] = report.to_metadata()
+  report.log()
 
 
 def square_inplane(

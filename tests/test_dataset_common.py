@@ -5,6 +5,7 @@ import pytest
 
 from uem_ich_jax import ct
 from uem_ich_jax.datasets import common
+from uem_ich_jax.errors import InputError
 
 
 def test_patient_folds_are_balanced_and_ignore_input_order():
@@ -101,3 +102,44 @@ def test_square_inplane_rejects_a_mask_of_another_shape():
   volume = _volume(rows=4, columns=4)
   with pytest.raises(ValueError, match="mask shape"):
     common.square_inplane(volume, np.zeros((2, 4, 5), np.uint8), image_size=4)
+
+
+def test_split_nifti_suffix_variants():
+  assert common.split_nifti_suffix("ID_a_ID_b.nii.gz") == ("ID_a_ID_b", True)
+  assert common.split_nifti_suffix("049.nii") == ("049", True)
+  assert common.split_nifti_suffix("051.NII.GZ") == ("051", True)
+  assert common.split_nifti_suffix("ID_a_ID_b") == ("ID_a_ID_b", False)
+  assert common.split_nifti_suffix("ID_a_ID_b.gz") == ("ID_a_ID_b.gz", False)
+
+
+def test_find_file_ignoring_case(tmp_path):
+  (tmp_path / "Patient_demographics.csv").write_text("x")
+  (tmp_path / "reads.csv").mkdir()  # A folder of that name is not the file.
+  found = common.find_file_ignoring_case(tmp_path, "patient_demographics.csv")
+  assert found == tmp_path / "Patient_demographics.csv"
+  assert common.find_file_ignoring_case(tmp_path, "reads.csv") is None
+  assert common.find_file_ignoring_case(tmp_path / "missing", "reads.csv") is None
+
+
+def test_find_file_ignoring_case_ambiguous(tmp_path):
+  (tmp_path / "Reads.csv").write_text("x")
+  (tmp_path / "reads.csv").write_text("y")
+  if len(list(tmp_path.iterdir())) < 2:
+    pytest.skip("the file system ignores case")
+  with pytest.raises(InputError, match="Reads.csv, reads.csv"):
+    common.find_file_ignoring_case(tmp_path, "READS.CSV")
+
+
+def test_store_build_metadata_keys():
+  report = common.BuildReport("test")
+  report.skip("a.dcm", "unreadable DICOM: truncated")
+  metadata = {}
+  common.store_build_metadata(metadata, num_folds=3, folds=[2, 2, 0], report=report)
+  assert metadata["num_folds"] == 3
+  assert metadata["fold_ranges"] == {"train": [[0, 2, 2], [2, 3, 0]]}
+  assert metadata["bad_files"]["skipped"] == 1
+  assert metadata["bad_files"]["counts"] == {"unreadable DICOM": 1}
+
+
+def test_release_not_found_is_input_error():
+  assert issubclass(common.ReleaseNotFoundError, InputError)
