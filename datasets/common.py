@@ -43,6 +43,26 @@ class ReleaseNotFoundError(InputError):
   """
 
 
+class NoExamplesError(InputError):
+  """A build in which every example was left out; the message lists the reasons by count.
+
+  TFDS itself would stop with a bare AssertionError ("No examples were
+  yielded").
+  """
+
+
+def raise_if_no_examples(num_written: int, report: "BuildReport") -> None:
+  """Raise `NoExamplesError` when nothing was written, with the report's counts per reason."""
+  if num_written:
+    return
+  report.log()
+  raise NoExamplesError(
+      f"{report.dataset}: no usable examples; every input was left out or none was found."
+      f" The reasons, by count, follow (each file is listed in the log above):\n"
+      f"{report.summary()}"
+  )
+
+
 def split_nifti_suffix(file_name: str) -> tuple[str, bool]:
   """Return the file name without `.nii.gz` or `.nii` (any case), and whether it had one."""
   lowered = file_name.lower()
@@ -170,7 +190,11 @@ def store_build_metadata(
   `folds` are the folds of the examples written, in key order. Call this when
   the example generator is exhausted: TFDS writes the metadata after that, so
   the ranges describe what was stored, not what was planned.
+
+  Raises:
+    NoExamplesError: `folds` is empty, so the build wrote nothing.
   """
+  raise_if_no_examples(len(folds), report)
   metadata["num_folds"] = int(num_folds)
   metadata["fold_ranges"] = {"train": fold_ranges(folds)}
   metadata["bad_files"] = report.to_metadata()

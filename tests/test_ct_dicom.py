@@ -830,6 +830,28 @@ def test_invalid_rescale_skips_file(tmp_path, caplog, keyword, value, reason):
   _assert_skipped(tmp_path, volume, bad, reason, caplog)
 
 
+@pytest.mark.parametrize("keyword", ["RescaleSlope", "RescaleIntercept"])
+@pytest.mark.parametrize("empty", [False, True])
+def test_missing_rescale_skips_file(tmp_path, caplog, keyword, empty):
+  # Both tags are type 1 in the CT Image module; an intercept taken as 0 would
+  # make the slice 1024 HU too bright.
+  def edit(dataset):
+    if empty:
+      dataset.add_new(pydicom.datadict.tag_for_keyword(keyword), "DS", "")
+    else:
+      delattr(dataset, keyword)
+
+  volume, bad = _one_bad_file(tmp_path, edit)
+  _assert_skipped(tmp_path, volume, bad, f"{keyword} is missing or empty", caplog)
+
+
+def test_missing_rescale_in_one_file_named(tmp_path):
+  paths = write_dicom_series(dicom_factory.make_volume(num_slices=1), tmp_path)
+  dicom_factory.edit_file(paths[0], lambda dataset: delattr(dataset, "RescaleIntercept"))
+  with pytest.raises(CTReadError, match=f"{paths[0].name}: RescaleIntercept is missing"):
+    read_dicom_series(tmp_path)
+
+
 @pytest.mark.parametrize(
     "keyword, value, reason",
     [

@@ -11,6 +11,7 @@ import nibabel.orientations
 import numpy as np
 import pytest
 
+from uem_ich_jax import ct
 from uem_ich_jax.ct import nifti
 from uem_ich_jax.ct.volume import CTReadError, CTVolume
 
@@ -301,6 +302,7 @@ def test_read_nan_becomes_air(tmp_path):
   assert np.all(np.isfinite(volume.hu))
   assert volume.hu.min() == -1024.0
   assert any("non-finite" in warning for warning in volume.provenance.warnings)
+  assert volume.provenance.non_finite_voxels > 0
 
 
 def write_pair(tmp_path, mask: np.ndarray, mask_affine=None):
@@ -339,6 +341,41 @@ def test_pair_mask_0_255(tmp_path):
   assert set(np.unique(read_mask).tolist()) == {0, 1}
   assert read_mask.sum() == 6
   assert any("0/255" in warning for warning in volume.provenance.warnings)
+  assert volume.provenance.mask_stored_as_255
+  assert volume.provenance.mask_geometry == ct.MASK_SAME_GRID
+
+
+def test_pair_mask_0_1_not_flagged(tmp_path):
+  image_path, mask_path = write_pair(tmp_path, np.ones((4, 5, 3), np.uint8))
+  volume, _ = nifti.read_nifti_pair(image_path, mask_path)
+  assert not volume.provenance.mask_stored_as_255
+  assert volume.provenance.non_finite_voxels == 0
+
+
+@pytest.mark.parametrize("layout", ["flip_x", "flip_z", "swap_xy"])
+def test_pair_mask_reoriented_by_own_affine(tmp_path, layout):
+  mask = np.zeros((4, 5, 3), np.uint8)
+  mask[3, 1, 2] = 1
+  mask[0, 4, 0] = 2
+  image_path, mask_path = write_pair(tmp_path, mask)
+  expected_volume, expected_mask = nifti.read_nifti_pair(image_path, mask_path)
+  # The same voxels stored flipped or with swapped axes, and the affine changed to match.
+  image_affine = np.diag([0.5, 0.5, 2.0, 1.0])
+  if layout == "swap_xy":
+    stored = np.transpose(mask, (1, 0, 2))
+    permute = np.eye(4)[[1, 0, 2, 3]]
+  else:
+    axis = 0 if layout == "flip_x" else 2
+    stored = np.flip(mask, axis)
+    permute = np.eye(4)
+    permute[axis, axis] = -1
+    permute[axis, 3] = mask.shape[axis] - 1
+  nibabel.Nifti1Image(np.ascontiguousarray(stored), image_affine @ permute).to_filename(mask_path)
+  volume, read_mask = nifti.read_nifti_pair(image_path, mask_path)
+  np.testing.assert_array_equal(read_mask, expected_mask)
+  np.testing.assert_array_equal(volume.affine, expected_volume.affine)
+  assert volume.provenance.mask_geometry == ct.MASK_REORIENTED
+  assert any("reoriented by its affine" in warning for warning in volume.provenance.warnings)
 
 
 def test_pair_mask_class_ids_kept(tmp_path):
@@ -389,6 +426,7 @@ def test_pair_affine_mismatch_warns(tmp_path, caplog):
   np.testing.assert_allclose(volume.affine[:3, 3], [-1.5, -2.0, 0.0])
   assert read_mask[0, 4, 3] == 1
   assert read_mask.sum() == 1
+  assert volume.provenance.mask_geometry == ct.MASK_IMAGE_GEOMETRY_ASSUMED
 
 
 # Byte offsets of NIfTI-1 header fields (little-endian files written by nibabel).

@@ -249,6 +249,88 @@ def test_unknown_class_name_fails_build(tmp_path):
     _build(tmp_path / "tfds", bhsd.SCANS, manual)
 
 
+def _manual_copy(tmp_path):
+  manual = tmp_path / "manual"
+  shutil.copytree(DUMMY_DIR, manual)
+  return manual
+
+
+def _bad_files(source):
+  return {e["path"]: e for e in source.dataset_info.metadata["bad_files"]["files"]}
+
+
+def _set_csv_row(manual, case_id, values):
+  path = manual / "MBH_Train_2025_case-label" / "case-wise_annotation.csv"
+  lines = path.read_text().splitlines()
+  header = lines[0].split(",")
+  for index, line in enumerate(lines):
+    if line.split(",")[0] == case_id:
+      row = dict(zip(header, line.split(",")))
+      row.update(values)
+      lines[index] = ",".join(row[name] for name in header)
+  path.write_text("\n".join(lines) + "\n")
+
+
+def test_case_scans_leave_out_rejected_row(tmp_path):
+  # `any` = 1 with no subtype: the volume must not be written as negative.
+  manual = _manual_copy(tmp_path)
+  _set_csv_row(manual, dummy.CASE_F, {name: "0" for name in uem_ich_jax.SUBTYPES})
+  source = _build(tmp_path / "tfds", bhsd.CASE_SCANS, manual)
+  written = [source[i]["scan_id"].decode() for i in range(len(source))]
+  assert dummy.CASE_F not in written
+  assert len(written) == len(dummy.CASE_LEVEL_IN_ORDER) - 1
+  volume = manual / "MBH_Train_2025_case-label" / f"{dummy.CASE_F}.nii.gz"
+  entry = _bad_files(source)[str(volume)]
+  assert not entry["kept"]
+  assert entry["reason"].startswith("unusable row in case-wise_annotation.csv")
+
+
+def test_voxel_case_with_invalid_row_left_out(tmp_path):
+  manual = _manual_copy(tmp_path)
+  _set_csv_row(manual, dummy.CASE_A, {"any": "yes"})
+  source = _build(tmp_path / "tfds", bhsd.SCANS, manual)
+  written = [source[i]["scan_id"].decode() for i in range(len(source))]
+  assert dummy.CASE_A not in written
+  assert len(written) == len(BUILT_VOXEL_CASES) - 1
+  reasons = [e["reason"] for e in _bad_files(source).values()]
+  assert "invalid CSV label: line 2: column any is 'yes', expected 0 or 1" in reasons
+
+
+def test_flipped_label_volume_reoriented(tmp_path):
+  import nibabel  # pylint: disable=import-outside-toplevel
+
+  manual = _manual_copy(tmp_path)
+  label_path = manual / "label_192" / "ground truths" / f"{dummy.CASE_A}.nii.gz"
+  stored = nibabel.load(label_path)
+  flip = np.eye(4)
+  flip[0, 0], flip[0, 3] = -1, stored.shape[0] - 1
+  flipped = nibabel.Nifti1Image(
+      np.ascontiguousarray(np.asarray(stored.dataobj)[::-1]), stored.affine @ flip
+  )
+  nibabel.save(flipped, label_path)
+  source = _build(tmp_path / "tfds", bhsd.SCANS, manual)
+  example = _scan_by_id(source, dummy.CASE_A)
+  np.testing.assert_array_equal(example["mask"], dummy.make_phantom(dummy.CASE_A).mask)
+  entry = _bad_files(source)[str(label_path)]
+  assert entry["kept"]
+  assert "reoriented by its affine" in entry["reason"]
+
+
+def test_non_finite_voxels_noted(tmp_path):
+  import nibabel  # pylint: disable=import-outside-toplevel
+
+  manual = _manual_copy(tmp_path)
+  image_path = manual / "MBH_Train_2025_case-label" / f"{dummy.CASE_G}.nii.gz"
+  stored = nibabel.load(image_path)
+  data = np.asarray(stored.get_fdata(), np.float32)
+  data[0, 0, 0], data[1, 1, 1] = np.nan, np.inf
+  nibabel.save(nibabel.Nifti1Image(data, stored.affine), image_path)
+  source = _build(tmp_path / "tfds", bhsd.CASE_SCANS, manual)
+  entry = _bad_files(source)[str(image_path)]
+  assert entry["kept"]
+  assert entry["reason"] == "non-finite voxels set to air: 2"
+
+
 # ---------------------------------------------------------------------------
 # Parsing rules
 
@@ -335,7 +417,7 @@ def test_case_csv_quirks(tmp_path):
       "ID_cc_ID_dd.nii.gz,0.0,1.0,1,0,0,0\n"
       "\n",
   )
-  labels = bhsd.read_case_labels(path)
+  labels = bhsd.read_case_labels(path).labels
   assert labels["ID_aa_ID_bb"].tolist() == [1, 0, 0, 0, 0, 1]
   assert labels["ID_cc_ID_dd"].tolist() == [1, 1, 0, 0, 0, 0]
   assert len(labels) == 2
@@ -345,23 +427,31 @@ def test_case_csv_any_mismatch_reported(tmp_path):
   header = "patientID_studyID,any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural\n"
   path = _write_csv(tmp_path / "labels.csv", header + "ID_aa_ID_bb,0,1,0,0,0,0\n")
   report = BuildReport("test")
-  assert bhsd.read_case_labels(path, report) == {}
+  read = bhsd.read_case_labels(path, report)
+  assert read.labels == {}
+  assert read.rejected == {"ID_aa_ID_bb"}
   assert report.counts() == {"CSV any differs from its subtypes": 1}
 
 
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
-        ("ID_aa_ID_bb,1,0,1,0,0,0\nID_aa_ID_bb,1,0,0,0,0,1\n", "earlier row"),
-        ("ID_aa_ID_bb,1,0,2,0,0,0\n", "expected 0 or 1"),
-        ("ID_aa_ID_bb,1,0,1\n", "fields"),
+        ("ID_aa_ID_bb,1,0,1,0,0,0\nID_aa_ID_bb,1,0,0,0,0,1\n", "conflicting CSV rows: line 3"),
+        ("ID_aa_ID_bb,1,0,2,0,0,0\n", "invalid CSV label: line 2: column intraparenchymal is '2'"),
+        ("ID_aa_ID_bb,yes,0,1,0,0,0\n", "column any is 'yes', expected 0 or 1"),
+        ("ID_aa_ID_bb,1,0,1\n", "4 fields, the header has 7"),
     ],
 )
-def test_case_csv_rejects(tmp_path, rows, message):
+def test_case_csv_bad_row_rejects_case_only(tmp_path, rows, message):
   header = "patientID_studyID,any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural\n"
-  path = _write_csv(tmp_path / "labels.csv", header + rows)
-  with pytest.raises(bhsd.CaseLabelError, match=message):
-    bhsd.read_case_labels(path)
+  path = _write_csv(tmp_path / "labels.csv", header + rows + "ID_cc_ID_dd,1,1,0,0,0,0\n")
+  report = BuildReport("test")
+  read = bhsd.read_case_labels(path, report)
+  assert read.rejected == {"ID_aa_ID_bb"}
+  assert list(read.labels) == ["ID_cc_ID_dd"]
+  (entry,) = report.entries
+  assert entry.path.endswith("#ID_aa_ID_bb")
+  assert message in entry.reason
 
 
 def test_case_csv_missing_column(tmp_path):

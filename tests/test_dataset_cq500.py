@@ -578,7 +578,7 @@ def test_find_release_files_variants(tmp_path):
   }
   bhx_file = tmp_path / "bhx" / "1_initial_manual_labeling.csv"
   assert files.bhx_files == {"1_Initial_Manual_Labeling.csv": bhx_file}
-  assert report.counts() == {"second folder of CQ500-CT-1": 1, "zip archive not extracted": 1}
+  assert report.counts() == {"second folder of a case": 1, "zip archive not extracted": 1}
 
 
 def test_find_release_files_without_reads_raises(tmp_path):
@@ -609,3 +609,31 @@ def test_carry_box_rejects_moved_planes():
     source_slices(scan.volume, resampled)
   with pytest.raises(BoxCarryError, match="off stored slice"):
     carry_box(np.array([1.0, 1.0, 4.0, 4.0]), scan.volume, 0, resampled, 1)
+
+
+def test_every_reads_row_invalid_clean_error(tmp_path):
+  manual = tmp_path / "manual"
+  shutil.copytree(DUMMY, manual)
+  lines = (manual / "reads.csv").read_text().splitlines()
+  rows = [line.split(",") for line in lines[1:]]
+  for row in rows:
+    row[2] = "yes"
+  (manual / "reads.csv").write_text("\n".join([lines[0]] + [",".join(row) for row in rows]) + "\n")
+  with pytest.raises(build.DatasetBuildError) as raised:
+    build.build_dataset("cq500/slices", data_dir=str(tmp_path / "out"), manual_dir=str(manual))
+  message = str(raised.value)
+  assert message.startswith("cq500/slices: cq500: no usable examples")
+  assert "invalid reads.csv row" in message
+  assert "no usable reads.csv row" in message
+
+
+def test_reads_value_error_in_plain_words(tmp_path):
+  lines = (DUMMY / "reads.csv").read_text().splitlines()
+  row = lines[1].split(",")
+  row[2] = "yes"
+  path = tmp_path / "reads.csv"
+  path.write_text("\n".join([lines[0], ",".join(row)]) + "\n")
+  report = common.BuildReport("test")
+  assert release.read_reads_csv(path, report) == {}
+  (entry,) = report.entries
+  assert entry.reason == "invalid reads.csv row: column R1:ICH: 'yes' is not 0 or 1"

@@ -311,6 +311,39 @@ def test_binary_mask_other_affine(tmp_path):
   np.testing.assert_array_equal(binary.mask, expected)
 
 
+def test_binary_mask_flipped_reoriented(tmp_path):
+  ct_path = RELEASE / "ct_scans" / "053.nii"
+  volume = ct.read_nifti(ct_path)
+  raw = nibabel.load(RELEASE / "masks" / "053.nii")
+  flip = np.eye(4)
+  flip[0, 0], flip[0, 3] = -1, raw.shape[0] - 1
+  path = tmp_path / "053.nii"
+  data = np.ascontiguousarray(np.asarray(raw.dataobj)[::-1])
+  nibabel.save(nibabel.Nifti1Image(data, raw.affine @ flip), str(path))
+  binary = pct.read_binary_mask(path, ct_path, volume)
+  # Read with its own affine, the flipped mask lands on the CT's grid.
+  assert binary.geometry_note is None
+  expected = ct.read_nifti(RELEASE / "masks" / "053.nii").hu > 0
+  np.testing.assert_array_equal(binary.mask, expected)
+
+
+def test_non_finite_voxels_noted(tmp_path):
+  manual = tmp_path / "manual"
+  shutil.copytree(dummy.DUMMY_DIR, manual)
+  ct_path = manual / dummy.RELEASE_FOLDER / "ct_scans" / "049.nii"
+  raw = nibabel.load(ct_path)
+  data = np.asarray(raw.get_fdata(), np.float32)
+  data[0, 0, 0], data[1, 0, 0], data[2, 0, 0] = np.nan, np.inf, -np.inf
+  nibabel.save(nibabel.Nifti1Image(data, raw.affine), str(ct_path))
+  report = common.BuildReport("test")
+  labels = pct.read_diagnosis_csv(RELEASE / pct.DIAGNOSIS_CSV, report)[49]
+  candidate = pct.Candidate(49, ct_path, RELEASE / "masks" / "049.nii", labels, None)
+  pct.read_scan(candidate, SIZE, report)
+  notes = [entry for entry in report.entries if entry.path == str(ct_path)]
+  assert [entry.reason for entry in notes] == ["non-finite voxels set to air: 3"]
+  assert notes[0].kept
+
+
 def test_inconsistencies_noted():
   report = common.BuildReport("test")
   labels = pct.read_diagnosis_csv(RELEASE / pct.DIAGNOSIS_CSV, report)[49]

@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -113,6 +114,20 @@ def test_labels_conflict_names_image_and_rows(tmp_path):
   assert "subdural" in message
   assert "line 6" in message
   assert "line 8" in message
+
+
+def test_labels_invalid_image_left_out(tmp_path):
+  path = tmp_path / "labels.csv"
+  bad_value = _block("ID_000000002").replace("ID_000000002_any,0", "ID_000000002_any,yes")
+  conflict = _block("ID_000000003") + "ID_000000003_epidural,1\n"
+  path.write_text(
+      CSV_HEADER + _block("ID_000000001") + bad_value + conflict + "ID_000000004_epidural\n"
+  )
+  table = read_labels(path)
+  assert sorted(table.labels) == ["ID_000000001"]
+  assert "'yes'" in table.invalid["ID_000000002"]
+  assert "conflicting labels for subtype epidural" in table.invalid["ID_000000003"]
+  assert table.bad_rows == ["line 21: expected 2 fields, found ['ID_000000004_epidural']"]
 
 
 def test_labels_reject_submission_values(tmp_path):
@@ -335,6 +350,80 @@ def test_build_reports_bad_files_by_reason(release, tmp_path):
   assert reasons["ID_00000000f"] == "no labels in stage_2_train.csv"
   assert report["skipped"] == 3
   assert len(source) == 29
+
+
+def _release_copy(release, tmp_path):
+  manual = tmp_path / "manual"
+  shutil.copytree(release[0] / "stage_2_train", manual / "stage_2_train")
+  shutil.copy(release[0] / "stage_2_train.csv", manual / "stage_2_train.csv")
+  return manual
+
+
+def test_build_leaves_out_image_with_invalid_label(release, tmp_path):
+  manual = _release_copy(release, tmp_path)
+  stem = release[1]["ID_c0ffee0001"]["sops"][0]
+  csv_path = manual / "stage_2_train.csv"
+  csv_path.write_text(
+      re.sub(rf"^{stem}_any,\d$", f"{stem}_any,0.5", csv_path.read_text(), flags=re.MULTILINE)
+  )
+  builder, source = _build(manual, tmp_path / "data", rsna.SLICES)
+  reasons = {item["path"]: item["reason"] for item in builder.info.metadata["bad_files"]["files"]}
+  assert "'0.5' of" in reasons[str(manual / "stage_2_train" / f"{stem}.dcm")]
+  assert len(source) == 28
+
+
+def test_build_reports_second_file_of_one_stem(release, tmp_path):
+  manual = _release_copy(release, tmp_path)
+  stem = release[1]["ID_c0ffee0001"]["sops"][0]
+  shutil.copy(manual / "stage_2_train" / f"{stem}.dcm", manual / "stage_2_train" / f"{stem}.DCM")
+  builder, source = _build(manual, tmp_path / "data", rsna.SLICES)
+  reasons = {item["path"]: item["reason"] for item in builder.info.metadata["bad_files"]["files"]}
+  # Files are taken in sorted order, so ID_x.DCM comes first and ID_x.dcm is the duplicate.
+  assert reasons[str(manual / "stage_2_train" / f"{stem}.dcm")] == (
+      f"duplicate file name: {stem} also stored as {stem}.DCM"
+  )
+  assert len(source) == 29
+
+
+def test_build_reports_links_folders_and_orphan_rows(release, tmp_path):
+  manual = _release_copy(release, tmp_path)
+  images = manual / "stage_2_train"
+  (images / "ID_00000000a.dcm").symlink_to(tmp_path / "gone.dcm")
+  (images / "nested").mkdir()
+  csv_path = manual / "stage_2_train.csv"
+  csv_path.write_text(csv_path.read_text() + "ID_00000000b_any,0\n")
+  builder, _ = _build(manual, tmp_path / "data", rsna.SLICES)
+  reasons = {item["path"]: item["reason"] for item in builder.info.metadata["bad_files"]["files"]}
+  assert reasons[str(images / "ID_00000000a.dcm")].startswith("not a regular file")
+  assert reasons[str(images / "nested")].startswith("subfolder")
+  assert reasons["stage_2_train.csv#ID_00000000b"].startswith("incomplete labels without an image")
+
+
+def test_build_leaves_out_slice_without_rescale(release, tmp_path):
+  import pydicom  # pylint: disable=import-outside-toplevel
+
+  manual = _release_copy(release, tmp_path)
+  path = manual / "stage_2_train" / f"{release[1]['ID_c0ffee0001']['sops'][0]}.dcm"
+  dataset = pydicom.dcmread(path)
+  del dataset.RescaleIntercept
+  del dataset.RescaleSlope
+  dataset.save_as(path)
+  builder, source = _build(manual, tmp_path / "data", rsna.SLICES)
+  reasons = {item["path"]: item["reason"] for item in builder.info.metadata["bad_files"]["files"]}
+  assert reasons[str(path)] == "missing DICOM tags: RescaleSlope, RescaleIntercept"
+  assert len(source) == 28
+
+
+def test_second_file_of_one_stem_reported_by_reader(release, tmp_path):
+  facts = release[1]["ID_c0ffee0002"]
+  first = release[0] / "stage_2_train" / f"{facts['sops'][0]}.dcm"
+  second = release[0] / "stage_2_train" / f"{facts['sops'][1]}.dcm"
+  copy = tmp_path / f"{facts['sops'][0]}.DCM"
+  shutil.copy(first, copy)
+  result = rsna.process_series(_plan([first, copy, second], facts), layout=rsna.SLICES, image_size=SIZE)
+  assert len(result.examples) == 2
+  (problem,) = result.problems
+  assert problem.path == str(copy)
 
 
 def _plan(files, facts):

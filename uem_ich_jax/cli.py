@@ -28,8 +28,17 @@ def _build_dataset(args: argparse.Namespace) -> int:
       data_dir=args.data_dir,
       manual_dir=args.manual_dir,
       config=args.config,
+      overwrite=args.overwrite,
   )
   return 0
+
+
+def _build_dataset_help(parser: argparse.ArgumentParser) -> str:
+  # The dataset list imports every builder (and TFDS), so it is made only
+  # when help is shown, not each time `uem-ich` starts.
+  from uem_ich_jax.datasets import build
+
+  return argparse.ArgumentParser.format_help(parser) + "\n" + build.describe_datasets() + "\n"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -133,15 +142,25 @@ def _parser() -> argparse.ArgumentParser:
   build = commands.add_parser(
       "build-dataset", help="build a TFDS dataset as array_record (no TensorFlow needed)"
   )
-  build.add_argument("name", help="dataset name, for example synthetic_ich")
+  build.add_argument(
+      "name", help="dataset name, or NAME/CONFIG (for example rsna_ich/slices); listed below"
+  )
   build.add_argument("--data-dir", required=True, help="TFDS data directory to write to")
   build.add_argument(
       "--manual-dir", default=None, help="folder holding the manually downloaded release"
   )
   build.add_argument(
-      "--config", default=None, help="builder config name; when omitted, the builder's default configs"
-      " (synthetic_ich: slices and scans)"
+      "--config",
+      default=None,
+      help="builder config name (listed below); when omitted, the configs marked * are built",
   )
+  build.add_argument(
+      "--overwrite",
+      action="store_true",
+      help="delete a config already built in --data-dir (its NAME/CONFIG/VERSION folder only)"
+      " and build it again; without it an existing build is reused",
+  )
+  build.format_help = lambda: _build_dataset_help(build)
   build.set_defaults(run=_build_dataset)
 
   train = commands.add_parser(

@@ -316,30 +316,52 @@ def class_lookup(class_map: dict[int, int]) -> np.ndarray:
 # Case-level CSV
 
 
-def _binary(value: str, path: pathlib.Path, line: int, column: str) -> int:
+class _InvalidRow(ValueError):
+  """One CSV row whose labels cannot be used; the message says why."""
+
+
+def _binary(value: str, column: str) -> int:
   try:
     number = float(value)
   except ValueError:
     number = float("nan")
   if number not in (0.0, 1.0):
-    raise CaseLabelError(f"{path}:{line}: column {column} is {value!r}, expected 0 or 1")
+    raise _InvalidRow(f"column {column} is {value!r}, expected 0 or 1")
   return int(number)
+
+
+@dataclasses.dataclass
+class CaseLabels:
+  """Labels of the case-level CSVs.
+
+  Attributes:
+    labels: case name to uint8 labels in SLICE_LABELS order.
+    rejected: case names whose rows cannot be used (a value other than 0/1,
+      rows that disagree, `any` that differs from the subtypes). The builder
+      leaves these cases out wherever they appear, instead of reading them as
+      negative or taking their labels from the mask.
+  """
+
+  labels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  rejected: set[str] = dataclasses.field(default_factory=set)
 
 
 def read_case_labels(
     path: pathlib.Path, report: common.BuildReport | None = None
-) -> dict[str, np.ndarray]:
+) -> CaseLabels:
   """Read `case-wise_annotation.csv` into case name -> uint8 labels in SLICE_LABELS order.
 
   Columns are found by name (any order, surrounding spaces and a UTF-8 BOM
-  ignored). Identical repeated rows are kept once. A row whose `any` differs
-  from the maximum of its subtypes is left out and reported, so that the case
-  is left out too instead of being read as negative.
+  ignored). Identical repeated rows are kept once. A case with a value other
+  than 0 or 1, rows that disagree, or an `any` that differs from the maximum
+  of its subtypes goes into `rejected` and is reported, so that the case is
+  left out instead of being read as negative; the build goes on.
 
   Raises:
-    CaseLabelError: a column is missing, a value is not 0/1, or two rows of
-      one case disagree.
+    CaseLabelError: the file is empty or a column is missing.
   """
+  result = CaseLabels()
+  problems: dict[str, str] = {}
   with path.open(newline="", encoding="utf-8-sig") as file:
     reader = csv.reader(file)
     try:
@@ -353,31 +375,43 @@ def read_case_labels(
           f"{path}: missing columns {', '.join(missing)}; header is {', '.join(header)}"
       )
     index = {name: header.index(name) for name in needed}
-    labels: dict[str, np.ndarray] = {}
-    inconsistent: set[str] = set()
     for line, row in enumerate(reader, start=2):
       if not any(cell.strip() for cell in row):
         continue
-      if len(row) < len(header):
-        raise CaseLabelError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
-      case_id = split_nifti_suffix(row[index[_CSV_ID_COLUMN]].strip())[0]
-      values = np.array(
-          [_binary(row[index[name]].strip(), path, line, name) for name in uem_ich_jax.SLICE_LABELS],
-          dtype=np.uint8,
-      )
-      if case_id in labels and not np.array_equal(labels[case_id], values):
-        raise CaseLabelError(
-            f"{path}:{line}: case {case_id} has labels {values.tolist()} here and"
-            f" {labels[case_id].tolist()} in an earlier row"
+      case_id = ""
+      if index[_CSV_ID_COLUMN] < len(row):
+        case_id = split_nifti_suffix(row[index[_CSV_ID_COLUMN]].strip())[0]
+      if not case_id:
+        if report is not None:
+          report.skip(f"{path}:{line}", f"invalid CSV row: no {_CSV_ID_COLUMN}")
+        continue
+      try:
+        if len(row) < len(header):
+          raise _InvalidRow(f"{len(row)} fields, the header has {len(header)}")
+        values = np.array(
+            [_binary(row[index[name]].strip(), name) for name in uem_ich_jax.SLICE_LABELS],
+            dtype=np.uint8,
         )
-      labels[case_id] = values
+      except _InvalidRow as error:
+        problems.setdefault(case_id, f"invalid CSV label: line {line}: {error}")
+        continue
+      earlier = result.labels.get(case_id)
+      if earlier is not None and not np.array_equal(earlier, values):
+        problems.setdefault(
+            case_id,
+            f"conflicting CSV rows: line {line} has {values.tolist()}, an earlier row"
+            f" {earlier.tolist()}",
+        )
+        continue
+      result.labels[case_id] = values
       if values[0] != values[1:].max():
-        inconsistent.add(case_id)
-  for case_id in sorted(inconsistent):
-    del labels[case_id]
+        problems.setdefault(case_id, "CSV any differs from its subtypes")
+  for case_id in sorted(problems):
+    result.labels.pop(case_id, None)
+    result.rejected.add(case_id)
     if report is not None:
-      report.skip(f"{path}#{case_id}", "CSV any differs from its subtypes")
-  return labels
+      report.skip(f"{path}#{case_id}", problems[case_id])
+  return result
 
 
 # ---------------------------------------------------------------------------
@@ -594,33 +628,39 @@ def find_case_level_csvs(manual_dir: pathlib.Path) -> list[pathlib.Path]:
   return [path for path in candidates if path.is_file()]
 
 
-def read_all_case_labels(
-    manual_dir: pathlib.Path, report: common.BuildReport
-) -> dict[str, np.ndarray]:
-  """Case labels from every case-level CSV found.
+def read_all_case_labels(manual_dir: pathlib.Path, report: common.BuildReport) -> CaseLabels:
+  """Case labels from every case-level CSV found; a case two CSVs disagree on is rejected.
 
   Raises:
-    CaseLabelError: a CSV is invalid, or two CSVs disagree on a case.
+    CaseLabelError: a CSV is empty or lacks a column.
   """
-  merged: dict[str, np.ndarray] = {}
+  merged = CaseLabels()
   for path in find_case_level_csvs(manual_dir):
-    for case_id, values in read_case_labels(path, report).items():
-      if case_id in merged and not np.array_equal(merged[case_id], values):
-        raise CaseLabelError(
-            f"{path}: case {case_id} has labels {values.tolist()}, another CSV"
-            f" {merged[case_id].tolist()}"
+    read = read_case_labels(path, report)
+    merged.rejected |= read.rejected
+    for case_id, values in read.labels.items():
+      earlier = merged.labels.get(case_id)
+      if earlier is not None and not np.array_equal(earlier, values):
+        report.skip(
+            f"{path}#{case_id}",
+            f"conflicting CSV rows: {values.tolist()} here, {earlier.tolist()} in another CSV",
         )
-      merged[case_id] = values
+        merged.rejected.add(case_id)
+        continue
+      merged.labels[case_id] = values
+  for case_id in merged.rejected:
+    merged.labels.pop(case_id, None)
   return merged
 
 
 def find_case_level_scans(
-    manual_dir: pathlib.Path, case_labels: dict[str, np.ndarray], report: common.BuildReport
+    manual_dir: pathlib.Path, case_labels: CaseLabels, report: common.BuildReport
 ) -> list[CaseLevelScan]:
   """List the case-level volumes with their labels: a CSV row, or zeros for a case not in it.
 
   The release lists only positive cases in its CSV (577 rows, all `any` = 1),
-  so a volume without a row is negative.
+  so a volume without a row is negative. A volume whose row was rejected is
+  left out and reported.
   """
   folder = manual_dir / MBH_CASE_LEVEL
   if not folder.is_dir():
@@ -631,12 +671,15 @@ def find_case_level_scans(
     patient_id = _checked_patient(case_id, path, report)
     if patient_id is None:
       continue
-    in_csv = case_id in case_labels
-    labels = case_labels.get(case_id, np.zeros(len(uem_ich_jax.SLICE_LABELS), np.uint8))
+    if case_id in case_labels.rejected:
+      report.skip(str(path), f"unusable row in {CASE_CSV_NAME}: not read as negative")
+      continue
+    in_csv = case_id in case_labels.labels
+    labels = case_labels.labels.get(
+        case_id, np.zeros(len(uem_ich_jax.SLICE_LABELS), np.uint8)
+    )
     scans.append(CaseLevelScan(case_id, patient_id, path, labels, in_csv))
-  csv_only = sorted(
-      case_id for case_id in case_labels if case_id not in files
-  )
+  csv_only = sorted(case_id for case_id in case_labels.labels if case_id not in files)
   for case_id in csv_only:
     report.note(f"{MBH_CASE_LEVEL}/{CASE_CSV_NAME}#{case_id}", "CSV row without a case-level volume")
   return scans
@@ -644,6 +687,15 @@ def find_case_level_scans(
 
 # ---------------------------------------------------------------------------
 # Reading one case
+
+
+def note_non_finite(volume: ct.CTVolume, path: pathlib.Path, report: common.BuildReport) -> None:
+  """Note a volume whose NaN or infinite voxels the CT layer set to air."""
+  if volume.provenance.non_finite_voxels:
+    report.note(
+        str(path),
+        f"non-finite voxels set to air: {volume.provenance.non_finite_voxels}",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -669,11 +721,17 @@ def _read_raters(
     except ct.CTReadError as error:
       report.skip(str(label_path), f"unreadable label volume: {error}")
       continue
-    warnings = rater_volume.provenance.warnings
-    if any("stored as 0/255" in message for message in warnings):
+    provenance = rater_volume.provenance
+    if provenance.mask_stored_as_255:
       report.skip(str(label_path), "label volume is binary 0/255, not class ids")
       continue
-    if any("mask affine differs" in message for message in warnings):
+    if provenance.mask_geometry == ct.MASK_REORIENTED:
+      report.note(
+          str(label_path),
+          "label stored in another axis order or direction than the image: reoriented by its"
+          " affine",
+      )
+    elif provenance.mask_geometry == ct.MASK_IMAGE_GEOMETRY_ASSUMED:
       report.note(str(label_path), "label affine differs from the image's: image geometry used")
     mask = lookup[raw]
     if (mask == 255).any():
@@ -700,6 +758,7 @@ def read_voxel_case(
   except ct.CTReadError as error:
     report.skip(str(case.image_path), f"unreadable image: {error}")
     return None
+  note_non_finite(volume, case.image_path, report)
   raters = _read_raters(case, lookup, report)
   if not raters:
     report.skip(str(case.image_path), "no readable label volume")
@@ -829,6 +888,23 @@ class Bhsd(tfds.core.GeneratorBasedBuilder):
         homepage="https://github.com/White65534/BHSD",
     )
 
+  @staticmethod
+  def missing_config_source(manual_dir: pathlib.Path, config_name: str) -> str | None:
+    """Return why config `config_name` has no input folder in `manual_dir`, or None.
+
+    `uem-ich build-dataset` skips such a config when no config is named,
+    because a release without the case-level set (or without voxel labels)
+    is complete as downloaded.
+    """
+    if config_name == CASE_SCANS:
+      if not (manual_dir / MBH_CASE_LEVEL).is_dir():
+        return f"no {MBH_CASE_LEVEL}/ folder in {manual_dir}"
+      return None
+    voxel_folders = [BHSD_FOLDER, MBH_TRAIN_VOXEL, *MBH_VAL_VOXEL]
+    if not any((manual_dir / folder).is_dir() for folder in voxel_folders):
+      return f"none of {', '.join(folder + '/' for folder in voxel_folders)} in {manual_dir}"
+    return None
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = pathlib.Path(dl_manager.manual_dir)
     if not manual_dir.is_dir():
@@ -874,7 +950,7 @@ class Bhsd(tfds.core.GeneratorBasedBuilder):
       fold_of: dict[str, int],
       report: common.BuildReport,
       release: ReleaseInfo | None = None,
-      case_labels: dict[str, np.ndarray] | None = None,
+      case_labels: CaseLabels | None = None,
   ) -> Iterator[tuple[int, dict]]:
     if self.builder_config.layout == CASE_SCANS:
       return self._generate_case_level(plan, fold_of, report)
@@ -885,15 +961,20 @@ class Bhsd(tfds.core.GeneratorBasedBuilder):
       plan: list[VoxelCase],
       fold_of: dict[str, int],
       release: ReleaseInfo,
-      case_labels: dict[str, np.ndarray],
+      case_labels: CaseLabels,
       report: common.BuildReport,
   ) -> Iterator[tuple[int, dict]]:
     config = self.builder_config
     lookup = class_lookup(release.class_map)
     written_folds: list[int] = []
     for case in plan:
+      if case.case_id in case_labels.rejected:
+        report.skip(
+            str(case.image_path), f"unusable row in {CASE_CSV_NAME}: case left out"
+        )
+        continue
       read = read_voxel_case(
-          case, lookup, case_labels.get(case.case_id), config.image_size, report
+          case, lookup, case_labels.labels.get(case.case_id), config.image_size, report
       )
       if read is None:
         continue
@@ -942,6 +1023,7 @@ class Bhsd(tfds.core.GeneratorBasedBuilder):
       except ct.CTReadError as error:
         report.skip(str(scan.image_path), f"unreadable image: {error}")
         continue
+      note_non_finite(volume, scan.image_path, report)
       tilt = volume.provenance.gantry_tilt_deg
       if abs(tilt) >= TILT_TOLERANCE_DEG:
         volume = ct.correct_tilt(volume)

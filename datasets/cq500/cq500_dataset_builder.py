@@ -356,7 +356,11 @@ class Cq500(tfds.core.GeneratorBasedBuilder):
           f"no patient folder: {release.case_id(number)} is in reads.csv but not under {root}",
       )
     for number in sorted(set(files.patient_folders) - set(reads)):
-      report.skip(str(files.patient_folders[number]), "no reads.csv row: the case has no labels")
+      report.skip(
+          str(files.patient_folders[number]),
+          "no usable reads.csv row: the row is missing, invalid or conflicting, so the case has"
+          " no labels",
+      )
     # Folds over every case the release names, so that a case left out of
     # this build does not move the others to other folds.
     all_cases = {release.case_id(n) for n in set(reads) | set(files.patient_folders)}
@@ -547,6 +551,10 @@ class Cq500(tfds.core.GeneratorBasedBuilder):
     name = release.case_id(scan.number)
     image = ct.windows_uint8(scan.volume.hu)
     spacing = np.asarray(scan.volume.spacing, np.float32)
+    # TODO: store per-slice positions (scan.volume.positions). With a slice
+    # missing mid-series the spacing varies, the affine is built from the
+    # median step (affine_is_approximate), and slices after the gap are placed
+    # one step off by `affine`.
     affine = np.asarray(scan.volume.affine, np.float32)
     common_features = {
         "spacing": spacing,

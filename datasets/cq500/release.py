@@ -139,7 +139,9 @@ def find_release_files(root: str | os.PathLike, report: BuildReport) -> ReleaseF
       if number is None:
         other_folders.append(name)
       elif number in folders:
-        report.skip(str(path), f"second folder of {case_id(number)}: {folders[number]} is used")
+        report.skip(
+            str(path), f"second folder of a case: {case_id(number)} is read from {folders[number]}"
+        )
       else:
         folders[number] = path
     # Patient folders are read later, whole; the walk does not enter them.
@@ -245,7 +247,10 @@ def reads_columns() -> dict[tuple[int, str], str]:
 
 
 def _binary(value: str) -> int:
-  number = float(value)
+  try:
+    number = float(value)
+  except ValueError:
+    raise ValueError(f"{value!r} is not 0 or 1") from None
   if number not in (0.0, 1.0):
     raise ValueError(f"{value!r} is not 0 or 1")
   return int(number)

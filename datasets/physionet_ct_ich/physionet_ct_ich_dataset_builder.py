@@ -435,13 +435,16 @@ def read_binary_mask(
 ) -> BinaryMask:
   """Read a mask NIfTI and binarise it (stored value > 0 is blood).
 
-  The mask is read through `ct.read_nifti` with its own affine. When that
-  affine differs from the CT's, it is read again with `ct.read_nifti_pair`,
-  which puts it on the CT's voxel grid and accepts only 0/1, 0/255 or class
-  ids 0..5; the difference is returned as a note.
+  The mask is read through `ct.read_nifti` with its own affine, so a mask
+  that stores the CT's grid in another axis order or direction comes out on
+  the CT's grid. When its canonical affine still differs from the CT's, it is
+  read again with `ct.read_nifti_pair`, which puts it on the CT's voxel grid
+  (its shape in the file must equal the CT's) and accepts only 0/1, 0/255 or
+  class ids 0..5; the difference is returned as a note.
 
   Raises:
-    ct.CTReadError: the mask cannot be read or its shape differs from the CT's.
+    ct.CTReadError: the mask cannot be read, or it is on another grid and its
+      shape in the file differs from the CT's.
   """
   # TODO: a mask whose own geometry read_nifti rejects (for example zero
   # pixdim) is left out, although read_nifti_pair could read it on the CT grid.
@@ -499,6 +502,11 @@ def read_scan(candidate: Candidate, image_size: int, report: common.BuildReport)
     InputError: the CT or mask cannot be read, or the SliceNumbers do not fit.
   """
   volume = ct.read_nifti(candidate.ct_path)
+  if volume.provenance.non_finite_voxels:
+    report.note(
+        candidate.ct_path,
+        f"non-finite voxels set to air: {volume.provenance.non_finite_voxels}",
+    )
   volume_index = stored_slice_indices(candidate.ct_path, volume)
   rows = candidate.labels.rows
   check_slice_numbers(list(rows), len(volume_index), candidate.ct_path)

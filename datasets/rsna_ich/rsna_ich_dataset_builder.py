@@ -106,6 +106,8 @@ WRAP_MODULUS = 4096
 _REQUIRED_TAGS = (
     "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient",
     "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "BitsAllocated",
+    # Type 1 in the CT Image module: without them the HU are unknown.
+    "RescaleSlope", "RescaleIntercept",
 )
 
 
@@ -145,29 +147,37 @@ class LabelTable:
       left out of `labels`).
     any_mismatch: stems whose `any` differs from the maximum of the five
       subtypes (kept as written).
+    invalid: stem to the reason its rows cannot be used (a label other than
+      0 or 1, conflicting rows, an unknown subtype); those images are left
+      out of `labels`.
+    bad_rows: "line N: reason" of rows that name no image (wrong number of
+      fields, an ID without a subtype suffix).
   """
 
   labels: dict[str, np.ndarray]
   duplicate_rows: int = 0
   incomplete: dict[str, list[str]] = dataclasses.field(default_factory=dict)
   any_mismatch: list[str] = dataclasses.field(default_factory=list)
+  invalid: dict[str, str] = dataclasses.field(default_factory=dict)
+  bad_rows: list[str] = dataclasses.field(default_factory=list)
 
 
 def read_labels(path: str | os.PathLike) -> LabelTable:
   """Parse the release's `ID,Label` CSV (six rows per image, `ID_<image>_<subtype>`).
 
-  Identical repeated rows are dropped and counted. Rows that give one
-  (image, subtype) two different labels raise, because neither can be chosen.
+  Identical repeated rows are dropped and counted. An image with a label
+  other than 0 or 1, an unknown subtype, or two rows that give one subtype
+  different labels goes into `invalid`, because no label can be chosen for
+  it; the builder leaves it out and reports it, and the build goes on.
 
   Raises:
-    RsnaLabelsError: a missing or unexpected header, an ID without a known
-      subtype suffix, a label other than 0 or 1 (the sample submission has
-      0.5), or conflicting rows (the message names the image and both rows).
+    RsnaLabelsError: a missing or unexpected header, or no image with usable
+      labels at all (for example the sample submission, whose labels are 0.5).
   """
   path = pathlib.Path(path)
   positions = {name: index for index, name in enumerate(uem_ich_jax.SLICE_LABELS)}
   values: dict[str, dict[str, tuple[int, int]]] = {}
-  duplicate_rows = 0
+  table = LabelTable(labels={})
   with path.open(newline="", encoding="utf-8-sig") as file:
     reader = csv.reader(file)
     header = next(reader, None)
@@ -177,35 +187,43 @@ def read_labels(path: str | os.PathLike) -> LabelTable:
       if not row:
         continue
       if len(row) != 2:
-        raise RsnaLabelsError(f"{path}, line {line}: expected 2 fields, found {row!r}")
+        table.bad_rows.append(f"line {line}: expected 2 fields, found {row!r}")
+        continue
       identifier, label_text = row[0].strip(), row[1].strip()
       stem, _, subtype = identifier.rpartition("_")
-      if subtype not in positions or not stem:
-        raise RsnaLabelsError(
-            f"{path}, line {line}: ID {identifier!r} does not end in _<subtype> with a"
-            f" subtype among {', '.join(CSV_SUBTYPES)}"
+      if not stem:
+        table.bad_rows.append(f"line {line}: ID {identifier!r} does not end in _<subtype>")
+        continue
+      if subtype not in positions:
+        table.invalid.setdefault(
+            stem,
+            f"line {line}: ID {identifier!r} does not end in _<subtype> with a subtype among"
+            f" {', '.join(CSV_SUBTYPES)}",
         )
+        continue
       if label_text not in ("0", "1"):
-        raise RsnaLabelsError(
-            f"{path}, line {line}: label {label_text!r} of {identifier} is not 0 or 1"
-            " (is this the sample submission instead of stage_2_train.csv?)"
+        table.invalid.setdefault(
+            stem, f"line {line}: label {label_text!r} of {identifier} is not 0 or 1"
         )
+        continue
       label = int(label_text)
       image = values.setdefault(stem, {})
       if subtype in image:
         first_label, first_line = image[subtype]
         if first_label != label:
-          raise RsnaLabelsError(
-              f"{path}: conflicting labels for image {stem}, subtype {subtype}: line"
-              f" {first_line} has {identifier},{first_label} and line {line} has"
-              f" {identifier},{label}"
+          table.invalid.setdefault(
+              stem,
+              f"conflicting labels for subtype {subtype}: line {first_line} has"
+              f" {identifier},{first_label} and line {line} has {identifier},{label}",
           )
-        duplicate_rows += 1
+        else:
+          table.duplicate_rows += 1
         continue
       image[subtype] = (label, line)
 
-  table = LabelTable(labels={}, duplicate_rows=duplicate_rows)
   for stem, image in values.items():
+    if stem in table.invalid:
+      continue
     missing = [name for name in CSV_SUBTYPES if name not in image]
     if missing:
       table.incomplete[stem] = missing
@@ -216,6 +234,16 @@ def read_labels(path: str | os.PathLike) -> LabelTable:
     if labels[0] != labels[1:].max():
       table.any_mismatch.append(stem)
     table.labels[stem] = labels
+  if not table.labels and (table.invalid or table.bad_rows):
+    if table.bad_rows:
+      first = table.bad_rows[0]
+    else:
+      first = "image {}: {}".format(*next(iter(table.invalid.items())))
+    raise RsnaLabelsError(
+        f"{path}: no image has usable labels; first problem: {first}. Expected rows"
+        " ID_<image>_<subtype>,<0 or 1> (is this the sample submission instead of"
+        " stage_2_train.csv?)"
+    )
   return table
 
 
@@ -389,11 +417,28 @@ def plan_series(
   # estimate); a process pool would cut that on a many-core driver.
   headers: list[SliceHeader] = []
   with os.scandir(image_folder) as entries:
-    paths = sorted(pathlib.Path(entry.path) for entry in entries if entry.is_file())
+    listed = sorted(pathlib.Path(entry.path) for entry in entries)
+  paths = []
+  for path in listed:
+    if path.is_dir():
+      report.skip(str(path), "subfolder in the image folder: not read")
+    elif not path.is_file():
+      report.skip(str(path), "not a regular file (a dangling link?)")
+    else:
+      paths.append(path)
+  first_path_of_stem: dict[str, pathlib.Path] = {}
   for path in paths:
     if path.suffix.lower() != ".dcm":
       report.skip(str(path), "not a DICOM file name: expected ID_<9 hex digits>.dcm")
       continue
+    if path.stem in first_path_of_stem:
+      # The CSV keys labels by stem, so a second file of one stem (ID_x.dcm
+      # and ID_x.DCM) cannot be told apart from the first.
+      report.skip(
+          str(path), f"duplicate file name: {path.stem} also stored as {first_path_of_stem[path.stem].name}"
+      )
+      continue
+    first_path_of_stem[path.stem] = path
     header = read_header(path)
     if isinstance(header, str):
       if path.stem in KNOWN_CORRUPTED:
@@ -406,7 +451,9 @@ def plan_series(
       report.note(str(path), "known corrupted file of the release: its header passed the checks")
     if header.stem not in labels.labels:
       reason = "no labels in stage_2_train.csv"
-      if header.stem in labels.incomplete:
+      if header.stem in labels.invalid:
+        reason = f"invalid labels in stage_2_train.csv: {labels.invalid[header.stem]}"
+      elif header.stem in labels.incomplete:
         reason = f"incomplete labels: no row for {', '.join(labels.incomplete[header.stem])}"
       report.skip(str(path), reason)
       continue
@@ -416,7 +463,14 @@ def plan_series(
 
   found = {path.stem for path in paths}
   for stem in sorted(set(labels.labels) - found):
-    report.note(f"{LABELS_CSV}:{stem}", "labels without an image file")
+    report.skip(f"{LABELS_CSV}#{stem}", "labels without an image file")
+  for stem in sorted(set(labels.incomplete) - found):
+    missing = ", ".join(labels.incomplete[stem])
+    report.skip(f"{LABELS_CSV}#{stem}", f"incomplete labels without an image file: no row for {missing}")
+  for stem in sorted(set(labels.invalid) - found):
+    report.skip(f"{LABELS_CSV}#{stem}", f"invalid labels without an image file: {labels.invalid[stem]}")
+  for row in labels.bad_rows:
+    report.skip(f"{LABELS_CSV}, {row.partition(':')[0]}", f"invalid CSV row: {row.partition(': ')[2]}")
   if labels.duplicate_rows:
     report.note(LABELS_CSV, f"duplicate rows removed: {labels.duplicate_rows}")
 
@@ -538,9 +592,10 @@ def process_series(plan: SeriesPlan, *, layout: str, image_size: int) -> SeriesR
     reason = f"series unreadable by the CT reader: {error}"
     return SeriesResult([], [common.BadFile(path, reason) for path in plan.files])
 
-  kept = [pathlib.Path(path).stem for path in volume.provenance.source_files]
-  index_of = {stem: index for index, stem in enumerate(plan.stems)}
-  plan_indices = [index_of[stem] for stem in kept]
+  # Matched by path, not by stem: two files may share a stem (ID_x.dcm, ID_x.DCM).
+  kept = [os.path.abspath(path) for path in volume.provenance.source_files]
+  index_of = {os.path.abspath(path): index for index, path in enumerate(plan.files)}
+  plan_indices = [index_of[path] for path in kept]
   if plan_indices != sorted(plan_indices):
     # Both passes sort by position along the slice normal; a different order
     # would give keys that disagree with slice_index.
@@ -548,8 +603,9 @@ def process_series(plan: SeriesPlan, *, layout: str, image_size: int) -> SeriesR
         f"series {plan.series_uid}: the CT reader's slice order {kept} differs from the"
         f" header pass's order {list(plan.stems)}"
     )
-  for path, stem in zip(plan.files, plan.stems):
-    if stem not in set(kept):
+  kept_paths = set(kept)
+  for path in plan.files:
+    if os.path.abspath(path) not in kept_paths:
       detail = next(
           (text for text in volume.provenance.warnings if path in text), "no reason given"
       )
@@ -727,6 +783,8 @@ class RsnaIch(tfds.core.GeneratorBasedBuilder):
         len(plans), sum(len(plan.files) for plan in plans), image_folder,
     )
     self.info.metadata["num_folds"] = config.num_folds
+    if not plans:
+      common.raise_if_no_examples(0, report)
     if self._use_beam:
       return {"train": self._beam_examples(plans, report.entries)}
     return {"train": self._generate_examples(plans, report.entries)}
@@ -743,6 +801,11 @@ class RsnaIch(tfds.core.GeneratorBasedBuilder):
       for key, example in result.examples:
         key_folds.append((key, int(example["fold"])))
         yield key, example
+    if not key_folds:
+      report = common.BuildReport("rsna_ich")
+      report.entries.extend(header_entries)
+      report.entries.extend(problems)
+      common.raise_if_no_examples(0, report)
     # TFDS writes the metadata after the generator is exhausted.
     self.info.metadata["fold_ranges"] = fold_ranges_from_keys(key_folds)
     self.info.metadata["bad_files"] = final_report(header_entries, problems)

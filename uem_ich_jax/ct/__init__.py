@@ -11,5 +11,13 @@ from uem_ich_jax.ct.resample import (
     resize_inplane,
     resize_mask_inplane,
 )
-from uem_ich_jax.ct.volume import AIR_HU, CTReadError, CTVolume, Provenance
+from uem_ich_jax.ct.volume import (
+    AIR_HU,
+    MASK_IMAGE_GEOMETRY_ASSUMED,
+    MASK_REORIENTED,
+    MASK_SAME_GRID,
+    CTReadError,
+    CTVolume,
+    Provenance,
+)
 from uem_ich_jax.ct.windowing import WINDOWS, uint8_to_model_input, windows, windows_uint8

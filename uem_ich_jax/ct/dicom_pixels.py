@@ -162,11 +162,23 @@ def _padding_mask(dataset: Dataset, values: np.ndarray, source: str) -> np.ndarr
 
 
 def _rescale(dataset: Dataset, source: str) -> tuple[float, float]:
-  """Return (RescaleSlope, RescaleIntercept), 1 and 0 when absent or empty.
+  """Return (RescaleSlope, RescaleIntercept).
+
+  The CT Image module makes both tags type 1 (present, with a value). Without
+  them a reader would have to guess an intercept, and a guess of 0 makes a
+  scan stored with intercept -1024 read 1024 HU too bright, so neither tag
+  gets a default.
 
   Raises:
-    CTReadError: a value that is not a single finite number, or slope 0.
+    CTReadError: a tag missing or empty, a value that is not a single finite
+      number, or slope 0.
   """
+  for keyword in ("RescaleSlope", "RescaleIntercept"):
+    if _single_value(dataset, keyword, source) is None:
+      raise CTReadError(
+          f"{source}: {keyword} is missing or empty; the CT Image module requires it, and"
+          " without it the HU of this slice are unknown"
+      )
   slope = _finite_number(dataset, "RescaleSlope", source, default=1.0)
   intercept = _finite_number(dataset, "RescaleIntercept", source, default=0.0)
   if slope == 0:
@@ -185,8 +197,8 @@ def slice_hu(dataset: Dataset, source: str = "") -> np.ndarray:
   display, so it does not change HU.
 
   Raises:
-    CTReadError: see `stored_values`; also an invalid RescaleSlope or
-      RescaleIntercept (not one finite number, or slope 0), or HU beyond
+    CTReadError: see `stored_values`; also a missing or invalid RescaleSlope
+      or RescaleIntercept (not one finite number, or slope 0), or HU beyond
       `MAX_ABS_HU`, which only an invalid rescale produces.
   """
   source = source or str(getattr(dataset, "filename", "") or "dataset")

@@ -37,7 +37,16 @@ import nibabel.orientations
 import numpy as np
 
 from uem_ich_jax.ct import resample
-from uem_ich_jax.ct.volume import AIR_HU, CTReadError, CTVolume, Provenance, apply_air_floor
+from uem_ich_jax.ct.volume import (
+    AIR_HU,
+    MASK_IMAGE_GEOMETRY_ASSUMED,
+    MASK_REORIENTED,
+    MASK_SAME_GRID,
+    CTReadError,
+    CTVolume,
+    Provenance,
+    apply_air_floor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +389,11 @@ def _reorient(
 
 
 def _volume_from_array(
-    hu: np.ndarray, affine: np.ndarray, path: pathlib.Path, warnings: list[str]
+    hu: np.ndarray,
+    affine: np.ndarray,
+    path: pathlib.Path,
+    warnings: list[str],
+    non_finite_voxels: int = 0,
 ) -> CTVolume:
   """Build a CTVolume from a canonical array and its LPS affine."""
   num_slices = hu.shape[0]
@@ -408,6 +421,7 @@ def _volume_from_array(
       sop_instance_uids=("",) * num_slices,
       gantry_tilt_deg=tilt_deg,
       warnings=tuple(warnings),
+      non_finite_voxels=non_finite_voxels,
   )
   return CTVolume(
       hu=hu,
@@ -448,8 +462,8 @@ def _qform_sform_warning(header: nibabel.Nifti1Header, path: pathlib.Path) -> st
 
 def _read_canonical(
     path: pathlib.Path,
-) -> tuple[nibabel.spatialimages.SpatialImage, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-  """Load an image and return it, its canonical HU, LPS affine, transform and warnings."""
+) -> tuple[nibabel.spatialimages.SpatialImage, np.ndarray, np.ndarray, np.ndarray, list[str], int]:
+  """Load an image; return it, its canonical HU, LPS affine, transform, warnings and non-finite count."""
   image, raw_header = _load_image(path)
   _check_units_and_pixdim(raw_header, path)
   warnings = []
@@ -486,7 +500,7 @@ def _read_canonical(
 
   transform = _canonical_transform(affine_file)
   hu, affine = _reorient(hu, affine_file, transform)
-  return image, hu, affine, transform, warnings
+  return image, hu, affine, transform, warnings, int(non_finite.sum())
 
 
 def read_nifti(path: str | os.PathLike) -> CTVolume:
@@ -503,7 +517,8 @@ def read_nifti(path: str | os.PathLike) -> CTVolume:
 
   HU below `AIR_HU` (scanners' out-of-field fill, -1500 or -3024 in dcm2niix
   output) become `AIR_HU`, as in the DICOM reader. NaN, infinite, or beyond
-  float32 after scaling become `AIR_HU` with a warning. Warnings, also stored
+  float32 after scaling become `AIR_HU` with a warning, and their number is
+  `provenance.non_finite_voxels`. Warnings, also stored
   in `provenance.warnings`, note a missing sform and qform, a qform whose axes
   disagree with the sform's, HU above 1e5, and a gantry tilt.
 
@@ -517,8 +532,8 @@ def read_nifti(path: str | os.PathLike) -> CTVolume:
       origin farther than 1e5 mm from 0.
   """
   path = pathlib.Path(path)
-  _, hu, affine, _, warnings = _read_canonical(path)
-  return _volume_from_array(hu, affine, path, warnings)
+  _, hu, affine, _, warnings, non_finite = _read_canonical(path)
+  return _volume_from_array(hu, affine, path, warnings, non_finite)
 
 
 def _round_near_integer_labels(mask: np.ndarray) -> tuple[np.ndarray, float]:
@@ -594,20 +609,48 @@ def _mask_affine_warning(
   return message
 
 
+def _mask_by_own_affine(
+    mask_image: nibabel.spatialimages.SpatialImage,
+    mask: np.ndarray,
+    image_affine: np.ndarray,
+    image_shape: tuple[int, ...],
+) -> np.ndarray | None:
+  """Return the mask in canonical order by its own affine, or None when that is not the image's grid.
+
+  This matches a mask stored with other axis order or directions than its
+  image (flipped, or axes swapped) exactly, because reorienting only permutes
+  and flips voxels. `image_affine` is the image's canonical LPS affine.
+  """
+  with np.errstate(invalid="ignore", over="ignore"):
+    mask_affine = LPS_TO_RAS @ np.asarray(mask_image.affine, dtype=np.float64)
+  if _affine_problem(mask_affine):
+    return None
+  reoriented, canonical_affine = _reorient(mask, mask_affine, _canonical_transform(mask_affine))
+  if reoriented.shape != tuple(image_shape):
+    return None
+  if float(np.max(np.abs(canonical_affine - image_affine))) > _MASK_AFFINE_TOLERANCE:
+    return None
+  return reoriented
+
+
 def read_nifti_pair(
     image_path: str | os.PathLike, mask_path: str | os.PathLike
 ) -> tuple[CTVolume, np.ndarray]:
   """Read a CT NIfTI and its segmentation mask NIfTI, both in canonical orientation.
 
-  The mask must have the image's shape in the file and is assumed to share its
-  voxel grid: it gets the image's reorientation, and the geometry comes from
-  the image alone. A mask affine that differs from the image's (some MBH-Seg
-  releases have this) or that is invalid is logged and recorded in
-  `provenance.warnings`. Binary masks stored as 0/1 or 0/255 come back as 0/1
-  (a 0/255 mask is noted in the warnings), class-id masks with ids 0..5 come
-  back unchanged. Float labels within 1e-3 of an integer, as interpolation or
-  float32 scaling leave them, are rounded with a warning. The mask gets no HU
-  floor.
+  A mask whose affine equals the image's gets the image's reorientation. A
+  mask whose affine describes the same voxel grid stored in another axis
+  order or direction (flipped, axes swapped) is reoriented by its own affine,
+  which is exact, and noted. Otherwise the mask affine is invalid or describes
+  another grid (some MBH-Seg releases have this). Then the mask must have the
+  image's shape in the file and is assumed to share its voxel order, which is
+  logged and recorded in `provenance.warnings`. `provenance.mask_geometry` says
+  which of the three happened. The geometry always comes from the image.
+  Binary masks stored as 0/1 or 0/255 come back as 0/1 (a 0/255 mask is
+  noted in the warnings and in `provenance.mask_stored_as_255`), class-id
+  masks with ids 0..5 come back unchanged. Float labels within 1e-3 of an
+  integer, as interpolation or float32 scaling leave them, are rounded with a
+  warning. The mask gets no HU floor.
 
   Returns:
     The volume (its provenance lists both files) and a uint8 mask of the same
@@ -620,27 +663,40 @@ def read_nifti_pair(
   """
   image_path = pathlib.Path(image_path)
   mask_path = pathlib.Path(mask_path)
-  image, hu, affine, transform, warnings = _read_canonical(image_path)
+  image, hu, affine, transform, warnings, non_finite = _read_canonical(image_path)
 
   mask_image, _ = _load_image(mask_path)
   mask_shape = _image_shape_3d(mask_image, mask_path)
   image_shape = _image_shape_3d(image, image_path)
-  if mask_shape != image_shape:
-    raise CTReadError(
-        f"mask {mask_path} has shape {mask_shape} but image {image_path} has shape {image_shape}"
-    )
   mask = _read_array(mask_image, mask_path)
   mask, notes = _mask_values(mask, image_path, mask_path)
   warnings.extend(notes)
+  stored_as_255 = any("stored as 0/255" in note for note in notes)
 
   image_affine = LPS_TO_RAS @ np.asarray(image.affine, dtype=np.float64)
   message = _mask_affine_warning(mask_image, mask_path, image_affine, image_path, transform)
+  reoriented = None
+  if message:
+    reoriented = _mask_by_own_affine(mask_image, mask, affine, hu.shape)
+  if reoriented is not None:
+    geometry = MASK_REORIENTED
+    message = (
+        f"{mask_path}: mask stored in another axis order or direction than image"
+        f" {image_path}; reoriented by its affine (exact)"
+    )
+    mask = reoriented
+  else:
+    if mask_shape != image_shape:
+      raise CTReadError(
+          f"mask {mask_path} has shape {mask_shape} but image {image_path} has shape {image_shape}"
+      )
+    geometry = MASK_IMAGE_GEOMETRY_ASSUMED if message else MASK_SAME_GRID
+    mask = np.ascontiguousarray(nibabel.orientations.apply_orientation(mask, transform))
   if message:
     logger.warning(message)
     warnings.append(message)
 
-  mask = np.ascontiguousarray(nibabel.orientations.apply_orientation(mask, transform))
-  volume = _volume_from_array(hu, affine, image_path, warnings)
+  volume = _volume_from_array(hu, affine, image_path, warnings, non_finite)
   provenance = volume.provenance
   volume = CTVolume(
       hu=volume.hu,
@@ -652,6 +708,9 @@ def read_nifti_pair(
           sop_instance_uids=provenance.sop_instance_uids,
           gantry_tilt_deg=provenance.gantry_tilt_deg,
           warnings=provenance.warnings,
+          non_finite_voxels=non_finite,
+          mask_stored_as_255=stored_as_255,
+          mask_geometry=geometry,
       ),
   )
   return volume, mask

@@ -25,6 +25,17 @@ def apply_air_floor(hu: np.ndarray) -> np.ndarray:
   return np.maximum(hu, np.asarray(AIR_HU, dtype=hu.dtype))
 
 
+# Values of Provenance.mask_geometry.
+# The mask's affine equals the image's.
+MASK_SAME_GRID = "same grid"
+# The mask's affine stores the image's grid in another axis order or
+# direction; the mask was permuted and flipped by it, which is exact.
+MASK_REORIENTED = "reoriented by its affine"
+# The mask's affine is invalid or describes another grid; the mask was taken
+# to share the image's voxel order, which may be wrong.
+MASK_IMAGE_GEOMETRY_ASSUMED = "image geometry assumed"
+
+
 class CTReadError(InputError):
   """Input that cannot be read as CT; the message names the file and the reason."""
 
@@ -52,6 +63,14 @@ class Provenance:
   window_width: float | None = None
   # MONOCHROME1 means display inverted; HU are the same either way.
   photometric_interpretation: str = ""
+  # Voxels that were NaN, infinite or beyond float32 in the file and became
+  # AIR_HU (NIfTI only; DICOM stores integers).
+  non_finite_voxels: int = 0
+  # Set by read_nifti_pair only. True when the mask was binary 0/255, read as 0/1.
+  mask_stored_as_255: bool = False
+  # Set by read_nifti_pair only: how the mask was put on the image's grid.
+  # MASK_SAME_GRID, MASK_REORIENTED or MASK_IMAGE_GEOMETRY_ASSUMED.
+  mask_geometry: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
