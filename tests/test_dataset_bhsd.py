@@ -207,6 +207,7 @@ def test_bad_files_in_metadata(slices):
   assert bad["skipped"] == 2
   assert metadata["class_map"] == {str(i): i for i in range(6)}
   assert metadata["class_map_source"] == "dataset.json"
+  assert metadata["num_mask_classes"] == 6
 
 
 def test_case_scans_labels(case_scans):

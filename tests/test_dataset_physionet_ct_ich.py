@@ -115,6 +115,7 @@ def test_slice_masks_binary(slices, phantoms):
     expected = (scan.mask[int(example["slice_index"])] > 0).astype(np.uint8)
     np.testing.assert_array_equal(example["mask"], expected, err_msg=f"example {index}")
   assert _metadata(slices)["mask_value_sets"] == {"0,255": 2, "0": 1}
+  assert _metadata(slices)["num_mask_classes"] == 2
 
 
 def test_slice_geometry_from_affine(slices, phantoms):

@@ -931,6 +931,8 @@ class Bhsd(tfds.core.GeneratorBasedBuilder):
     release = read_release_info(manual_dir)
     self.info.metadata["class_map"] = {str(k): v for k, v in sorted(release.class_map.items())}
     self.info.metadata["class_map_source"] = release.class_map_source
+    # Background and the five subtype ids: the multi-task stage checks its head against this.
+    self.info.metadata["num_mask_classes"] = 6
     return {"train": self._generate_examples(voxel_plan, folds, report, release, case_labels)}
 
   def _folds(self, patients: Iterable[str]) -> dict[str, int]:

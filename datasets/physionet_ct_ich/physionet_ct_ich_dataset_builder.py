@@ -705,6 +705,8 @@ class PhysionetCtIch(tfds.core.GeneratorBasedBuilder):
     # Written with the dataset info once all examples are generated, so the
     # ranges and counts describe what was stored.
     self.info.metadata["mask_value_sets"] = dict(mask_value_sets)
+    # Background and blood: the multi-task stage checks its head against this.
+    self.info.metadata["num_mask_classes"] = 2
     logger.info("%s: stored mask value sets (values: scans): %s", NAME, dict(mask_value_sets))
     common.store_build_metadata(
         self.info.metadata, num_folds=config.num_folds, folds=example_folds, report=report

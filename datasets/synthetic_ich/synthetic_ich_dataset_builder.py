@@ -8,6 +8,7 @@ and decodes in numpy (`tfds.features.Image` would call TensorFlow to encode).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,7 +17,8 @@ import tensorflow_datasets as tfds
 import uem_ich_jax
 from uem_ich_jax import phantom
 from uem_ich_jax.ct.windowing import windows_uint8
-from uem_ich_jax.datasets.common import fold_ranges
+from uem_ich_jax.datasets.common import BuildReport, fold_ranges
+from uem_ich_jax.datasets.synthetic_ich import variants
 from uem_ich_jax.phantom import PhantomScan
 
 _DESCRIPTION = """\
@@ -52,6 +54,10 @@ class SyntheticIchConfig(tfds.core.BuilderConfig):
       scans of one patient exist and fold assignment must keep them together;
       0 gives every patient a single scan. NOTE: a follow-up is a new phantom
       from its own seed that shares only the patient id, not the same head.
+    mirrors: "dataset/config" of a real builder whose features this config
+      stores (see `variants`); empty for the phantom's own features.
+    extra_slices: with `mirrors` only: scan i has `num_slices + i %
+      (extra_slices + 1)` slices, because real scans differ in length.
   """
 
   layout: str = SLICES
@@ -63,6 +69,8 @@ class SyntheticIchConfig(tfds.core.BuilderConfig):
   num_folds: int = 5
   seed: int = 0
   followup_every: int = 3
+  mirrors: str = ""
+  extra_slices: int = 0
 
 
 # Size of the `*_curriculum` configs. It was chosen so that the SSL,
@@ -108,7 +116,35 @@ def _configs() -> list[SyntheticIchConfig]:
             ),
         )
     )
+  for dataset, real_config, layout in variants.REAL_CONFIGS:
+    configs.append(
+        SyntheticIchConfig(
+            name=variants.variant_name(dataset, real_config),
+            layout=layout,
+            num_scans=variants.VARIANT_SCANS,
+            num_slices=variants.VARIANT_SLICES,
+            extra_slices=variants.VARIANT_EXTRA_SLICES,
+            image_size=variants.VARIANT_IMAGE_SIZE,
+            mirrors=f"{dataset}/{real_config}",
+            description=(
+                f"phantom scans with the features of {dataset}/{real_config}:"
+                f" {variants.VARIANT_SCANS} scans x {variants.VARIANT_SLICES}-"
+                f"{variants.VARIANT_SLICES + variants.VARIANT_EXTRA_SLICES} slices x"
+                f" {variants.VARIANT_IMAGE_SIZE} px"
+            ),
+        )
+    )
   return configs
+
+
+def num_slices_of(config: SyntheticIchConfig, scan_index: int) -> int:
+  """Return the slice count of scan `scan_index` (`num_slices` unless `extra_slices` is set)."""
+  if config.extra_slices and not config.mirrors:
+    raise ValueError(
+        f"config {config.name!r}: extra_slices needs `mirrors`, because the phantom's own"
+        " scans feature has a fixed slice count"
+    )
+  return config.num_slices + scan_index % (config.extra_slices + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,14 +197,29 @@ def plan_scans(config: SyntheticIchConfig) -> list[PlannedScan]:
 
 
 def _generate_scan(planned: PlannedScan, config: SyntheticIchConfig) -> PhantomScan:
-  shape = (config.num_slices, config.image_size, config.image_size)
+  num_slices = num_slices_of(config, planned.scan_index)
+  shape = (num_slices, config.image_size, config.image_size)
   pixel_mm = config.field_of_view_mm / config.image_size
   return phantom.generate_scan(
       planned.seed,
       shape,
-      spacing_mm=(config.coverage_mm / config.num_slices, pixel_mm, pixel_mm),
+      spacing_mm=(config.coverage_mm / num_slices, pixel_mm, pixel_mm),
       patient_id=planned.patient_id,
   )
+
+
+def _mirrored_features(config: SyntheticIchConfig) -> tfds.features.FeaturesDict:
+  """Return a copy of the features of the real config that `config` mirrors, at its image size."""
+  dataset, _, real_config = config.mirrors.partition("/")
+  features = variants.real_features(dataset, real_config, config.image_size)
+  image_rank = len(features["image"].shape)
+  if image_rank != {SLICES: 3, SCANS: 4}[config.layout]:
+    raise variants.VariantFeatureError(
+        f"synthetic_ich config {config.name!r} has layout {config.layout!r}, but the images of"
+        f" {config.mirrors} have rank {image_rank}"
+    )
+  # A copy, so that the two builders never share one FeaturesDict.
+  return tfds.features.FeaturesDict.from_json(features.to_json())
 
 
 class SyntheticIch(tfds.core.GeneratorBasedBuilder):
@@ -198,6 +249,14 @@ class SyntheticIch(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
+    if config.mirrors:
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description=_DESCRIPTION + f"\nFeatures of {config.mirrors}.\n",
+          features=_mirrored_features(config),
+          metadata=tfds.core.MetadataDict(),
+          disable_shuffling=True,
+      )
     size = config.image_size
     text = tfds.features.Text()
     zlib = tfds.features.Encoding.ZLIB
@@ -263,14 +322,47 @@ class SyntheticIch(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     plan = plan_scans(config)
     if config.layout == SLICES:
-      example_folds = [p.fold for p in plan for _ in range(config.num_slices)]
+      example_folds = [
+          p.fold for p in plan for _ in range(num_slices_of(config, p.scan_index))
+      ]
     else:
       example_folds = [p.fold for p in plan]
     # Saved with the dataset info, so that readers select folds without
     # decoding examples.
     self.info.metadata["num_folds"] = config.num_folds
     self.info.metadata["fold_ranges"] = {"train": fold_ranges(example_folds)}
+    if config.mirrors:
+      # The real builders list their bad files; the phantom has none.
+      self.info.metadata["bad_files"] = BuildReport(self.name).to_metadata()
+      num_mask_classes = variants.num_mask_classes(config.mirrors)
+      if num_mask_classes is not None:
+        self.info.metadata["num_mask_classes"] = num_mask_classes
+      return {"train": self._generate_mirrored_examples(plan)}
     return {"train": self._generate_examples(plan)}
+
+  def _generate_mirrored_examples(self, plan: list[PlannedScan]) -> Iterator[tuple[int, dict]]:
+    config = self.builder_config
+    dataset, real_config = config.mirrors.split("/")
+    features = self.info.features
+    key = 0
+    for planned in plan:
+      scan = _generate_scan(planned, config)
+      fill = functools.partial(
+          variants.fill_example,
+          features,
+          dataset=dataset,
+          config=real_config,
+          scan=scan,
+          windows=windows_uint8(scan.volume.hu),
+          fold=planned.fold,
+      )
+      if config.layout == SCANS:
+        yield key, fill(slice_index=None)
+        key += 1
+        continue
+      for slice_index in range(scan.mask.shape[0]):
+        yield key, fill(slice_index=slice_index)
+        key += 1
 
   def _generate_examples(self, plan: list[PlannedScan]) -> Iterator[tuple[int, dict]]:
     config = self.builder_config

@@ -88,6 +88,50 @@ def project_builders() -> list[str]:
   return sorted(module.name for module in pkgutil.iter_modules(uem_ich_jax.datasets.__path__) if module.ispkg)
 
 
+# Batch fields that the pipelines add themselves, so no dataset needs them.
+PIPELINE_FIELDS = ("valid", "slice_mask")
+
+
+def check_fields(source: Any, fields: Sequence[str], *, scans: bool, name: str) -> None:
+  """Check that `source` stores `fields` and examples of the expected layout, before any reading.
+
+  Args:
+    source: a TFDS data source.
+    fields: batch fields a stage needs; `PIPELINE_FIELDS` are skipped.
+    scans: True when the stage needs scan examples (`image` (S, H, W, 3)),
+      False for slice examples (`image` (H, W, 3)).
+    name: the dataset name, for the message.
+
+  Raises:
+    DataPipelineError: a field is not a feature of the dataset, or the image
+      rank is that of the other layout. A source without `dataset_info`
+      features passes unchecked.
+  """
+  info = getattr(source, "dataset_info", None)
+  features = getattr(info, "features", None)
+  if features is None:
+    return
+  stored = set(features.keys())
+  # The layout is checked first, because a scan dataset also lacks slice
+  # fields such as `slice_index`, and the layout is what the user must change.
+  if "image" in stored:
+    rank = len(features["image"].shape)
+    if rank != (4 if scans else 3):
+      layouts = {3: "slices (H, W, 3)", 4: "scans (S, H, W, 3)"}
+      stored_layout = layouts.get(rank, f"images of rank {rank}")
+      needed_layout = layouts[4 if scans else 3]
+      raise DataPipelineError(
+          f"dataset {name!r} stores {stored_layout}, but this stage needs {needed_layout};"
+          " choose a config of the dataset with that layout"
+      )
+  missing = [field for field in fields if field not in PIPELINE_FIELDS and field not in stored]
+  if missing:
+    raise DataPipelineError(
+        f"dataset {name!r} has no feature {', '.join(map(repr, missing))}, which this stage"
+        f" needs; its features are {sorted(stored)}"
+    )
+
+
 def _metadata_fold_ranges(source: Any) -> list | None:
   info = getattr(source, "dataset_info", None)
   metadata = getattr(info, "metadata", None)
@@ -271,8 +315,13 @@ class PadBoxes(grain.transforms.Map):
 
 
 # Scan fields with one entry per slice along axis 0; batching pads them and
-# subsampling picks from them.
-SLICE_FIELDS = ("image", "mask", "slice_labels", "slice_mask")
+# subsampling picks from them. After the common ones come the per-slice
+# features of the real builders' scan configs (RSNA, PhysioNet), so that
+# their scans of different lengths batch together.
+SLICE_FIELDS = (
+    "image", "mask", "slice_labels", "slice_mask",
+    "hu_unwrapped", "sop_instance_uids", "slice_fracture", "slice_numbers",
+)
 
 # Subsampled scans are logged one by one up to this count per process, and
 # later ones are not, so that a dataset of long scans does not flood the log.

@@ -561,6 +561,30 @@ def evaluate(
   return scalars, result
 
 
+def check_source(config: ml_collections.ConfigDict, source: Any) -> None:
+  """Reject a dataset whose masks have another number of classes than the segmentation head.
+
+  Reads `num_mask_classes` (background included) from the dataset metadata:
+  2 for binary blood masks, 6 for masks with the five subtype ids. Without
+  that key nothing is checked. A binary head (`segmentation_classes` 1)
+  accepts every mask, because it scores all blood as foreground.
+  """
+  info = getattr(source, "dataset_info", None)
+  metadata = getattr(info, "metadata", None)
+  if metadata is None:
+    return
+  # TFDS's LazyMetadataDict loads its file in items(), not in get().
+  stored = dict(metadata.items()).get("num_mask_classes")
+  classes = int(config.model.get("segmentation_classes", HEAD_DEFAULTS["segmentation_classes"]))
+  if stored is None or classes == 1 or classes == int(stored):
+    return
+  fix = "1 for a binary head" if int(stored) == 2 else str(stored)
+  raise InputError(
+      f"dataset {config.data.name!r} stores masks with {stored} classes (background included),"
+      f" but config.model.segmentation_classes is {classes}; set it to {fix}"
+  )
+
+
 class _MultitaskStage:
   name = "multitask"
   batch_keys = (
@@ -577,7 +601,20 @@ class _MultitaskStage:
   eval_outputs = staticmethod(eval_outputs)
   evaluate = staticmethod(evaluate)
   check_config = staticmethod(check_config)
+  check_source = staticmethod(check_source)
   encoder_arrays = staticmethod(stages.root_encoder_arrays)
+
+  @staticmethod
+  def batch_keys_for(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Return the batch fields under `config`: boxes only with the detection head.
+
+    Datasets without boxes (BHSD, PhysioNet) can then train segmentation and
+    classification.
+    """
+    keys = _MultitaskStage.batch_keys
+    if setting(config, "detection"):
+      return keys
+    return tuple(key for key in keys if key not in ("boxes", "box_classes"))
 
 
 STAGE = _MultitaskStage()

@@ -332,8 +332,13 @@ def compile_train_step(setup: Setup, state: Any, metrics: Any, batch: Mapping[st
 
 
 def dataset_source(config: ml_collections.ConfigDict):
+  """Open `config.data.name` and check that it stores the fields and layout the stage reads.
+
+  `train` runs the check before it builds the model, so a dataset without,
+  for example, slice labels or masks fails at once with the missing feature named.
+  """
   try:
-    return pipeline.load_source(
+    source = pipeline.load_source(
         config.data.name, split=config.data.split, data_dir=config.data.data_dir or None
     )
   except pipeline.DataPipelineError:
@@ -343,6 +348,14 @@ def dataset_source(config: ml_collections.ConfigDict):
         f"cannot open dataset {config.data.name!r} in {config.data.data_dir or 'the TFDS default'}"
         f" ({type(error).__name__}: {error}); build it with `uem-ich build-dataset`"
     ) from error
+  stage = stages.get_stage(config.stage)
+  keys = stages.batch_keys(stage, config)
+  # Only scan stages read `slice_mask`, which the pipeline adds to scan examples.
+  pipeline.check_fields(source, keys, scans="slice_mask" in keys, name=config.data.name)
+  check_source = getattr(stage, "check_source", None)
+  if check_source is not None:
+    check_source(config, source)
+  return source
 
 
 def train_iterator(config: ml_collections.ConfigDict, source: Any, folds: Folds):
@@ -667,10 +680,10 @@ def train(
   # ----------------------------------------------------------------- Setup ---
   mesh_lib.maybe_initialize_distributed(config.distributed)
   workdir = pathlib.Path(workdir)
+  source = dataset_source(config)
   setup = build(config)
   _warn_on_changed_config(workdir, config)
   checkpoint_lib.save_config(workdir, config)
-  source = dataset_source(config)
   iterator = train_iterator(config, source, setup.folds)
   stage_input = getattr(setup.stage, "train_input", None)
   if stage_input is not None:
