@@ -111,5 +111,6 @@ def test_rsna_variant_names_the_missing_dataset(request, tmp_path):
   config.mesh.data = 1
   config.data.batch_size = 1
   config.data.eval_batch_size = 1
-  with pytest.raises(InputError, match="rsna_ich.*builders of this version.*synthetic_ich"):
-    trainer.train(config, tmp_path)
+  config.data.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(InputError, match="rsna_ich/slices.* is not built.*uem-ich build-dataset rsna_ich"):
+    trainer.train(config, tmp_path / "run")
