@@ -99,6 +99,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.best_mode = "max"
 
   if variant == "smoke":
+    # lax.conv compiles about 3x faster than the shifted depthwise form, and
+    # smoke runs are mostly compilation.
+    config.model.depthwise = "conv"
     config.data.augment = False
     config.data.slice_buckets = (4, 8)
     config.model.image_size = 64

@@ -100,6 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.best_mode = "max"
 
   if variant == "smoke":
+    # lax.conv compiles about 3x faster than the shifted depthwise form, and
+    # smoke runs are mostly compilation.
+    config.model.depthwise = "conv"
     config.model.embed_dim = 16
     config.model.drop_path_rate = 0.0
     config.model.classify_at_stride4 = True
