@@ -238,7 +238,7 @@ def build_dataset(
 
   `name` may be `NAME/CONFIG`. Prints the output folder and example counts of
   each config to stdout. A config already built in `data_dir` is reused, and
-  the printed line says so, unless `overwrite` is set: then its version
+  the printed line states it, unless `overwrite` is set: then its version
   folder (`data_dir/NAME/CONFIG/VERSION`) is deleted and built again.
   Folders that an interrupted build left (`incomplete.*`) are deleted. With
   no config given, a config whose input folder is absent from the manual dir
@@ -275,8 +275,8 @@ def build_dataset(
         for config_name in config_names
     }
     if all(skip_reasons.values()):
-      # Nothing of the release is there: the builder's own error says so, with
-      # the instructions, instead of a list of skipped configs.
+      # Nothing of the release is there, so the builder's own error reports it
+      # with the instructions, instead of a list of skipped configs.
       skip_reasons = {}
   results = []
   for config_name in config_names:

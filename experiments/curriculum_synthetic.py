@@ -62,7 +62,7 @@ TARGETS = (
 # TODO: box mAP@0.5 misses its target narrowly (0.49 on the test fold, 0.38 on
 # validation, in the last run). Validation mAP was still rising at step 1200,
 # so the next try is more multi-task steps, timed on a quiet machine against
-# the 60 minutes; the run took 58.6 minutes under a load of 2 to 3.
+# the 60 minutes. The last run took 58.6 minutes under a load average of 2 to 3.
 REFERENCE_ROW = "scan AUC any from the predicted volume (multitask)"
 
 

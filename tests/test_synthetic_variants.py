@@ -339,9 +339,10 @@ SMOKE_PAIRS = [
 
 
 # Each pair trains its smoke config for a few steps. With a cold JAX cache on
-# 2 CPU cores: multitask 95 s, aggregator 44 s, classification 11 s. SSL reads
-# only `image`, which every slice layout has, so its 119 s run is left out;
-# `test_missing_feature_fails_before_training` and the tests near it check the fields.
+# 2 CPU cores, the runs took 44 s (multitask), 21 s (aggregator) and 4 s
+# (classification). SSL is left out because it reads only `image`, which every
+# slice layout has. `test_missing_feature_fails_before_training` and the tests
+# near it check the fields.
 @pytest.mark.slow
 @pytest.mark.parametrize("config_file_name,dataset,changes", SMOKE_PAIRS)
 def test_stage_smoke_on_real_layout(request, built, tmp_path, config_file_name, dataset, changes):

@@ -317,7 +317,7 @@ def class_lookup(class_map: dict[int, int]) -> np.ndarray:
 
 
 class _InvalidRow(ValueError):
-  """One CSV row whose labels cannot be used; the message says why."""
+  """Error for one CSV row whose labels cannot be used; the message gives the reason."""
 
 
 def _binary(value: str, column: str) -> int:

@@ -5,7 +5,7 @@ Run from the repository root:
     python datasets/rsna_ich/make_dummy_data.py
 
 The output mimics `rsna-intracranial-hemorrhage-detection/`. One flat folder,
-`stage_2_train/`, holds single-slice DICOM files named `<SOPInstanceUID>.dcm`
+`stage_2_train/`, contains single-slice DICOM files named `<SOPInstanceUID>.dcm`
 (`ID_` and 9 lowercase hex digits). They carry only the 22 attributes of the
 release (no InstanceNumber, SliceThickness or SeriesDescription).
 `stage_2_train.csv` has six `ID_<image>_<subtype>,Label` rows per image in the

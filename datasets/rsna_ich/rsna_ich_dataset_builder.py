@@ -92,9 +92,9 @@ LABELS_CSV = "stage_2_train.csv"
 CSV_SUBTYPES = (
     "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"
 )
-# Files of the release that cannot be decoded. The header pass finds this
-# one by its short PixelData; the name is listed so that the report names it
-# even if the check missed it.
+# Files of the release that cannot be decoded. The header pass finds this one
+# by its short PixelData. The name is listed too, so that the report names it
+# even if that check missed it.
 KNOWN_CORRUPTED = frozenset({"ID_6431af929"})
 _STEM_PATTERN = re.compile(r"ID_[0-9a-f]{9}")
 
@@ -253,7 +253,7 @@ def read_labels(path: str | os.PathLike) -> LabelTable:
 
 @dataclasses.dataclass(frozen=True)
 class SliceHeader:
-  """What the header pass keeps of one file."""
+  """Header fields of one file, as the header pass keeps them."""
 
   path: str
   stem: str
@@ -433,7 +433,7 @@ def plan_series(
       continue
     if path.stem in first_path_of_stem:
       # The CSV keys labels by stem, so a second file of one stem (ID_x.dcm
-      # and ID_x.DCM) cannot be told apart from the first.
+      # and ID_x.DCM) cannot be distinguished from the first.
       report.skip(
           str(path), f"duplicate file name: {path.stem} also stored as {first_path_of_stem[path.stem].name}"
       )

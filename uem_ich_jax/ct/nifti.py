@@ -644,8 +644,8 @@ def read_nifti_pair(
   which is exact, and noted. Otherwise the mask affine is invalid or describes
   another grid (some MBH-Seg releases have this). Then the mask must have the
   image's shape in the file and is assumed to share its voxel order, which is
-  logged and recorded in `provenance.warnings`. `provenance.mask_geometry` says
-  which of the three happened. The geometry always comes from the image.
+  logged and recorded in `provenance.warnings`. `provenance.mask_geometry`
+  records which of the three happened. The geometry always comes from the image.
   Binary masks stored as 0/1 or 0/255 come back as 0/1 (a 0/255 mask is
   noted in the warnings and in `provenance.mask_stored_as_255`), class-id
   masks with ids 0..5 come back unchanged. Float labels within 1e-3 of an
