@@ -8,7 +8,9 @@ import logging
 import pathlib
 import sys
 
+from uem_ich_jax.errors import PREEMPTED_EXIT_CODE
 from uem_ich_jax.errors import InputError
+from uem_ich_jax.errors import TrainingPreempted
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -295,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
   except InputError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  except TrainingPreempted as error:
+    print(str(error), file=sys.stderr)
+    return PREEMPTED_EXIT_CODE
   except KeyboardInterrupt:
     # Builds and training runs write to temporary paths first, so what was
     # completed is kept and the same command resumes or rebuilds.
