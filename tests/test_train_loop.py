@@ -1,6 +1,8 @@
 """Training runs on a tiny synthetic_ich build: CLI, evaluation, resume, NaN stop, init_from."""
 
 import json
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from uem_ich_jax import cli
+from uem_ich_jax import errors
 from uem_ich_jax.data import pipeline
 from uem_ich_jax.datasets.synthetic_ich import SyntheticIch, SyntheticIchConfig
 from uem_ich_jax.errors import InputError
@@ -148,6 +151,68 @@ def test_stopped_and_resumed_run_equals_uninterrupted(request, data_dir, tmp_pat
       jax.tree_util.tree_flatten_with_path(whole)[0], jax.tree.leaves(split)
   ):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_stops_and_resumes_like_an_uninterrupted_run(
+    request, data_dir, tmp_path, monkeypatch
+):
+  changes = {"data.augment": "true", "num_steps": 4, "eval_every": 100, "checkpoint_every": 100}
+  config = _config(request, data_dir, **changes)
+  trainer.train(config, tmp_path / "whole")
+
+  # The notice arrives while step 3's batch is prepared, as a scheduler's
+  # SIGTERM arrives at any moment; step 3 still finishes and is saved.
+  batches = []
+  original = trainer.model_batch
+
+  def model_batch_then_signal(*args, **kwargs):
+    batches.append(1)
+    if len(batches) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(trainer, "model_batch", model_batch_then_signal)
+  argv = [
+      "train",
+      f"--config={request.config.rootpath / 'configs' / 'classification_synthetic.py'}:smoke",
+      f"--workdir={tmp_path / 'preempted'}",
+      *_overrides(data_dir, **changes),
+  ]
+  assert cli.main(argv) == errors.PREEMPTED_EXIT_CODE
+  monkeypatch.undo()
+  manager = checkpoint.CheckpointManager(tmp_path / "preempted", read_only=True)
+  assert manager.all_steps() == [3]
+  manager.close()
+  assert cli.main(argv) == 0
+
+  def final(workdir):
+    manager = checkpoint.CheckpointManager(workdir, read_only=True)
+    arrays = manager.restore_arrays(4)
+    manager.close()
+    return arrays
+
+  whole, resumed = final(tmp_path / "whole"), final(tmp_path / "preempted")
+  for (path, a), b in zip(
+      jax.tree_util.tree_flatten_with_path(whole)[0], jax.tree.leaves(resumed)
+  ):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_preemption_watch_restores_the_previous_handler():
+  def previous(signum, frame):
+    del signum, frame
+
+  old = signal.signal(signal.SIGTERM, previous)
+  try:
+    with trainer.PreemptionWatch() as watch:
+      assert signal.getsignal(signal.SIGTERM) is not previous
+      assert not watch.reached(1)
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert watch.reached(2)
+    assert signal.getsignal(signal.SIGTERM) is previous
+  finally:
+    signal.signal(signal.SIGTERM, old)
 
 
 def test_non_finite_loss_message_without_checkpoint():

@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import pathlib
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +37,7 @@ from uem_ich_jax.data import augment as augment_lib
 from uem_ich_jax.data import pipeline
 from uem_ich_jax.data.global_batch import to_global_batch
 from uem_ich_jax.errors import InputError
+from uem_ich_jax.errors import TrainingPreempted
 from uem_ich_jax.train import checkpoint as checkpoint_lib
 from uem_ich_jax.train import mesh as mesh_lib
 from uem_ich_jax.train import optim
@@ -50,6 +53,44 @@ class ConfigError(InputError):
 
 class NonFiniteLossError(RuntimeError):
   """Training stopped because the loss became NaN or infinite."""
+
+
+class PreemptionWatch:
+  """Turns a preemption notice (SIGTERM) into a checkpoint and a clean stop.
+
+  With one process, a SIGTERM handler sets a flag, and the loop saves and
+  stops after the step in progress. With several, JAX's preemption service
+  (on by default with `jax.distributed`) receives the signal on any host and
+  names a step that every process reaches, so all of them save the same step.
+  Use as a context manager around the loop and ask `reached(step)` after
+  every step, on every process.
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    self._distributed = jax.process_count() > 1
+
+  def __enter__(self) -> "PreemptionWatch":
+    # Signal handlers can only be set from the main thread; elsewhere (a
+    # notebook worker thread) SIGTERM keeps its usual effect.
+    if not self._distributed and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _on_signal(self, signum: int, frame: Any) -> None:
+    del signum, frame
+    self.received = True
+
+  def reached(self, step: int) -> bool:
+    if self._distributed:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received
 
 
 def non_finite_loss_message(
@@ -205,6 +246,9 @@ def build(
   logger.info(
       "%d parameters; %.1f%% of parameter bytes replicated on every device", param_count, 100 * share
   )
+  mesh_lib.check_replicated_share(
+      share, mesh.shape["fsdp"], config.get("max_replicated_share", 1.0)
+  )
 
   # ---------------------------------------------------------------- Steps ---
   base_key = jax.random.key(config.seed)
@@ -263,7 +307,7 @@ def build(
       train_step,
       in_shardings=(state_shardings, replicated, data_sharding),
       out_shardings=(state_shardings, replicated),
-      donate_argnums=(0, 1),
+      donate_argnums=(0, 1) if config.get("donate", True) else (),
   )
   # Outputs are replicated so that every process can read every example.
   jitted_eval = jax.jit(
@@ -675,7 +719,8 @@ def train(
   a preempted job would; a later call resumes to `config.num_steps`.
   Returns the last training and validation scalars and the final step.
   Raises NonFiniteLossError (and saves nothing more) when the loss stops being
-  finite.
+  finite, and TrainingPreempted after saving the step in progress when a
+  SIGTERM arrives (see `PreemptionWatch`).
   """
   # ----------------------------------------------------------------- Setup ---
   mesh_lib.maybe_initialize_distributed(config.distributed)
@@ -696,6 +741,7 @@ def train(
   )
   writer = writer_lib.MetricWriter(workdir)
   summary: dict[str, Any] = {"train": {}, "validation": {}}
+  preemption = PreemptionWatch().__enter__()
   try:
     # ------------------------------------------------------ State / resume ---
     latest = manager.latest_step()
@@ -730,8 +776,9 @@ def train(
       state, metrics = compiled_steps[shapes](state, metrics, batch)
       done = step + 1
       at_end = done == config.num_steps
+      preempted = preemption.reached(done) and not at_end
       do_eval = done % config.eval_every == 0 or at_end
-      do_save = done % config.checkpoint_every == 0 or at_end or done == last
+      do_save = done % config.checkpoint_every == 0 or at_end or done == last or preempted
 
       # Logging also checks the loss, so it runs before every save.
       if done % config.log_every == 0 or do_eval or do_save:
@@ -776,6 +823,8 @@ def train(
       if do_eval or do_save:
         # Evaluation and checkpoint time stay out of the measured steps/s.
         progress.restart(done)
+      if preempted:
+        raise TrainingPreempted(done, workdir)
     if int(state["step"]) >= config.num_steps:
       exported = _export(config, state, workdir)
       if exported is not None:
@@ -783,6 +832,7 @@ def train(
     summary["step"] = int(state["step"])
     return summary
   finally:
+    preemption.__exit__(None, None, None)
     # Pending asynchronous saves finish before the process may exit.
     manager.close()
     writer.close()
