@@ -16,6 +16,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices: batch split over data x fsdp, parameters over fsdp; -1 fills.
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.min_shard_size = 2**14  # arrays with fewer elements stay replicated
+  # With fsdp > 1, the run stops before step 0 when more than this share of
+  # the parameter bytes would be stored whole on every device.
+  config.max_replicated_share = 0.1
+  # Reuse the state's buffers for the updated state; off only for debugging
+  # (it doubles the state's memory).
+  config.donate = True
   # jax.distributed.initialize(): "on", "off", or "auto" to follow the environment
   # (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, UEM_ICH_NUM_PROCESSES); see
   # uem_ich_jax.train.mesh.maybe_initialize_distributed.
@@ -49,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.drop_path_rate = 0.1
   config.model.coordinate_attention_stages = (2, 3)
   config.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+  # Encoder activations the backward pass recomputes: "none", "block" (keep
+  # each block's input only) or "block_dots" (also the matrix products).
+  config.model.remat = "none"
   # Depthwise convolutions: "auto" (shifted multiply-adds on CPU, lax.conv on
   # accelerators), "conv" or "shifted"; equal parameters and values either way.
   config.model.depthwise = "auto"

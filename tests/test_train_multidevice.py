@@ -75,6 +75,35 @@ SCRIPT = textwrap.dedent(
                        for a, b in zip(jax.tree.leaves(state8), jax.tree.leaves(restored)))
     restored_devices = sorted({d.id for leaf in jax.tree.leaves(restored) for d in leaf.devices()})
 
+    # Any layout to any other: the (4, 2) checkpoint onto a (2, 4) mesh, and
+    # a checkpoint of the 1-device run onto the (4, 2) mesh.
+    def restore_onto(target, step):
+      manager = checkpoint.CheckpointManager(workdir, read_only=True)
+      state = manager.restore(step, target.abstract_state)
+      manager.close()
+      return state
+
+    def max_diff(a, b):
+      return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    def layout_matches(state, target):
+      return all(leaf.sharding.is_equivalent_to(sharding, leaf.ndim) for leaf, sharding in
+                 zip(jax.tree.leaves(state), jax.tree.leaves(target.state_shardings)))
+
+    wide = setup(2, 4, None)
+    onto_wide = restore_onto(wide, 3)
+    manager = checkpoint.CheckpointManager(workdir)
+    manager.save(4, state1)
+    manager.close()
+    onto_eight = restore_onto(eight, 4)
+    relayout = dict(
+        wide_diff=max_diff(state8, onto_wide), wide_layout=layout_matches(onto_wide, wide),
+        eight_diff=max_diff(state1, onto_eight), eight_layout=layout_matches(onto_eight, eight),
+        wide_sharded=sum(not leaf.sharding.is_fully_replicated
+                         for leaf in jax.tree.leaves(onto_wide["params"])),
+    )
+
     # The whole loop on the (4, 2) mesh: global batches, padded evaluation.
     config = config_file.load(spec, [
         f"--config.data.data_dir={data_dir}", f"--config.data.name={dataset}",
@@ -89,6 +118,7 @@ SCRIPT = textwrap.dedent(
         restore_diff=restore_diff, restored_devices=restored_devices,
         n_test=evaluation["n_test"], n_validation=evaluation["n_validation"],
         replicated_share=mesh.replicated_share(state8["params"], eight.state_shardings["params"]),
+        **relayout,
     )))
     """
 )
@@ -164,6 +194,14 @@ def test_checkpoint_from_eight_devices_restores_on_one(result):
 
 
 @pytest.mark.slow
+def test_checkpoints_restore_across_mesh_layouts(result):
+  # (4, 2) saved, (2, 4) restored; 1 device saved, (4, 2) restored.
+  assert result["wide_sharded"] > 0, "nothing sharded on the (2, 4) mesh; the test proves nothing"
+  assert result["wide_diff"] == 0.0 and result["wide_layout"]
+  assert result["eight_diff"] == 0.0 and result["eight_layout"]
+
+
+@pytest.mark.slow
 def test_eight_device_run_evaluates_every_example_once(result, data_source):
   _, source = data_source
   # 10 scans x 3 slices: the test and validation folds do not fill whole
@@ -202,7 +240,8 @@ def test_two_processes_train_as_two_hosts(request, tmp_path, data_source):
         sys.executable, "-m", "uem_ich_jax.cli", "train", f"--config={config}:smoke",
         f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}",
         "--config.data.name=synthetic_ich/slices_eight_tiny", "--config.mesh.fsdp=2",
-        "--config.min_shard_size=256", "--config.num_steps=2", "--config.eval_every=2",
+        "--config.min_shard_size=256", "--config.model.width=32", "--config.num_steps=2",
+        "--config.eval_every=2",
         "--config.checkpoint_every=2", "--config.optim.warmup_steps=1",
     ]
     processes.append(

@@ -184,6 +184,14 @@ def test_mesh_on_one_device_and_replicated_share():
   assert mesh.replicated_share(tree, shardings) == 1.0
 
 
+def test_replicated_share_limit_stops_fsdp_runs():
+  with pytest.raises(mesh.MeshError, match="23.7% of the parameter bytes"):
+    mesh.check_replicated_share(0.237, 2, 0.1)
+  mesh.check_replicated_share(0.05, 2, 0.1)
+  # Without fsdp every parameter is replicated on purpose.
+  mesh.check_replicated_share(1.0, 1, 0.1)
+
+
 def test_distributed_mode_is_checked():
   with pytest.raises(mesh.MeshError, match="config.distributed"):
     mesh.maybe_initialize_distributed("yes")

@@ -210,6 +210,21 @@ def replicated_share(tree: Any, shardings: Any) -> float:
   return replicated / total if total else 0.0
 
 
+def check_replicated_share(share: float, fsdp_size: int, limit: float) -> None:
+  """Raise MeshError when fsdp splits parameters but more than `limit` of their bytes stay whole.
+
+  `share` is `replicated_share` of the parameters. With `fsdp_size` 1 every
+  parameter is replicated by design, so nothing is checked.
+  """
+  if fsdp_size > 1 and share > limit:
+    raise MeshError(
+        f"{100 * share:.1f}% of the parameter bytes would be stored whole on every device with"
+        f" fsdp = {fsdp_size}, above config.max_replicated_share = {limit}. Lower"
+        " config.min_shard_size, pick an fsdp size that divides the channel counts, or add a rule"
+        " to mesh.SHARDING_RULES"
+    )
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over both mesh axes, the rest whole."""
   return NamedSharding(mesh, BATCH_SPEC)
