@@ -526,8 +526,19 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.mark.slow  # compiles the atto multi-task steps: about 90 s cold, 21 s with a warm JAX cache (2 busy CPU cores)
-@pytest.mark.parametrize("schedule,detection", [("mixed", False), ("alternating", True)])
-def test_smoke_run_trains_and_evaluates(request, data_dir, tmp_path, schedule, detection):
+@pytest.mark.parametrize(
+    "schedule,detection,dtype,remat",
+    [
+        ("mixed", False, "float32", "none"),
+        ("alternating", True, "float32", "none"),
+        # What accelerator runs use: bfloat16 compute with losses and norms in
+        # float32, and rematerialised encoder blocks.
+        ("mixed", True, "bfloat16", "block"),
+    ],
+)
+def test_smoke_run_trains_and_evaluates(
+    request, data_dir, tmp_path, schedule, detection, dtype, remat
+):
   from uem_ich_jax.train import config_file
   from uem_ich_jax.train import trainer
 
@@ -537,13 +548,15 @@ def test_smoke_run_trains_and_evaluates(request, data_dir, tmp_path, schedule, d
       "data.name": DATASET,
       "multitask.schedule": schedule,
       "multitask.detection": detection,
+      "model.dtype": dtype,
+      "model.remat": remat,
       "init_from": "random",
   }
   config = config_file.load(f"{path}:smoke", [f"--config.{k}={v}" for k, v in overrides.items()])
   summary = trainer.train(config, tmp_path)
   assert summary["step"] == 4
   train = summary["train"]
-  for name in ("loss", "classification", "segmentation", "segmentation_dice"):
+  for name in ("loss", "classification", "segmentation", "segmentation_dice", "grad_norm"):
     assert np.isfinite(train[name]), name
   validation = summary["validation"]
   assert 0.0 <= validation["dice_3d"] <= 1.0

@@ -130,6 +130,7 @@ def encoder_config(
       coordinate_attention_placement=model.get("coordinate_attention_placement", "outputs"),
       dtype=jax.numpy.dtype(model.dtype),
       depthwise=model.get("depthwise", "auto"),
+      remat=model.get("remat", "none"),
   )
   if num_classes is not None:
     options["num_classes"] = num_classes
