@@ -59,6 +59,8 @@ def test_shifted_in_bfloat16_stays_close():
 
 
 def test_auto_picks_shifted_on_cpu(monkeypatch):
+  # The suite's conftest sets the override; users get the shifted form.
+  monkeypatch.delenv(layers.CPU_DEPTHWISE_VARIABLE, raising=False)
   calls = []
   monkeypatch.setattr(layers, "_depthwise_shifted", lambda x, k: calls.append("shifted") or x)
   monkeypatch.setattr(layers, "_depthwise_lax_conv", lambda x, k: calls.append("conv") or x)
@@ -74,3 +76,15 @@ def test_unknown_implementation_is_rejected():
   x, kernel, bias = _inputs((1, 4, 4, 2), (3, 3))
   with pytest.raises(ValueError, match="depthwise implementation"):
     layers.depthwise_conv(x, kernel, bias, implementation="fft")
+
+
+def test_cpu_override_of_auto(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  monkeypatch.setenv(layers.CPU_DEPTHWISE_VARIABLE, "conv")
+  assert layers.auto_depthwise_implementation() == "conv"
+  monkeypatch.setenv(layers.CPU_DEPTHWISE_VARIABLE, "fft")
+  with pytest.raises(ValueError, match="UEM_ICH_CPU_DEPTHWISE"):
+    layers.auto_depthwise_implementation()
+  # Accelerators always use lax.conv.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert layers.auto_depthwise_implementation() == "conv"

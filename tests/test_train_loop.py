@@ -154,7 +154,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(request, data_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_sigterm_saves_stops_and_resumes_like_an_uninterrupted_run(
+def test_sigterm_saves_then_resumes_identically(
     request, data_dir, tmp_path, monkeypatch
 ):
   changes = {"data.augment": "true", "num_steps": 4, "eval_every": 100, "checkpoint_every": 100}

@@ -3,7 +3,7 @@
 import signal
 from typing import Any
 
-# What `uem-ich` returns after a preemption notice: 128 + SIGTERM, as a shell
+# Exit status of `uem-ich` after a preemption notice: 128 + SIGTERM, as a shell
 # reports a process that SIGTERM ended, so a chain of stages stops too.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
