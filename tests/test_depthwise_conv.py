@@ -34,8 +34,17 @@ def test_shifted_equals_lax_conv(shape, kernel_size):
   np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)
 
 
-def test_shifted_gradients_equal_lax_conv():
-  x, kernel, bias = _inputs((2, 10, 10, 6), (7, 7), seed=1)
+@pytest.mark.parametrize(
+    "shape, kernel_size",
+    [
+        ((2, 10, 10, 6), (7, 7)),  # rows not a multiple of the gradient's row tile
+        ((2, 12, 9, 6), (7, 7)),  # rows in tiles of 4
+        ((1, 3, 3, 4), (7, 7)),  # kernel larger than the map
+        ((1, 8, 7, 2), (2, 4)),  # even kernels pad unevenly
+    ],
+)
+def test_shifted_gradients_equal_lax_conv(shape, kernel_size):
+  x, kernel, bias = _inputs(shape, kernel_size, seed=1)
   target = jnp.asarray(np.random.default_rng(2).normal(size=x.shape), jnp.float32)
 
   def loss(implementation):
