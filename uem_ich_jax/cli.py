@@ -106,15 +106,37 @@ def _predict(args: argparse.Namespace) -> int:
   from uem_ich_jax.infer import predict
 
   report = predict.predict(
-      args.checkpoint, args.input, args.output, step=args.step, series_uid=args.series
+      args.checkpoint,
+      args.input,
+      args.output,
+      step=args.step,
+      series_uid=args.series,
+      batch_size=args.batch_size,
+      aggregator_dir=args.aggregator,
+      aggregator_step=args.aggregator_step,
   )
   scan = report["scan"]["any"]
   verdict = "positive" if scan["positive"] else "negative"
   print(
-      f"any: {verdict} (max probability {scan['max_probability']:.3f} at slice {scan['slice']},"
-      f" threshold {scan['threshold']:.3f}); wrote {args.output}/report.json and overview.png"
+      f"any: {verdict} (max slice probability {_number(scan['max_probability'])} at slice"
+      f" {scan['slice']}, threshold {_number(scan['threshold'])})"
   )
+  if "segmentation" in report:
+    print(f"blood: {_number(report['segmentation']['volume_ml']['any'], 1)} mL")
+  aggregator = report.get("aggregator")
+  if aggregator is not None:
+    first = aggregator["labels"][0]
+    print(f"scan {first} (aggregator): {_number(aggregator['scan'][first]['probability'])}")
+  if "timings_s" in report:
+    print(f"took {_number(report['timings_s']['total'], 1)} s")
+  files = report.get("outputs", {"report": "report.json", "overview": "overview.png"})
+  print(f"wrote {', '.join(files.values())} to {args.output}")
   return 0
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+  """Format a report number; the report stores a NaN or infinite value as None."""
+  return "undefined" if value is None else f"{value:.{digits}f}"
 
 
 def _quickstart(args: argparse.Namespace) -> int:
@@ -225,18 +247,42 @@ def _parser() -> argparse.ArgumentParser:
 
   predict = commands.add_parser(
       "predict",
-      help="classify every slice of a scan with a trained run; writes report.json and overview.png",
+      help="run a trained classification or multitask run on every slice of a scan; writes"
+      " report.json and overview.png, and with a multitask run segmentation.nii.gz",
   )
   predict.add_argument("input", help="DICOM folder or file, or NIfTI file")
   predict.add_argument(
-      "--checkpoint", required=True, help="work directory of a `uem-ich train` run"
+      "--checkpoint",
+      required=True,
+      help="work directory of a `uem-ich train` run of the classification or multitask stage",
   )
-  predict.add_argument("--output", required=True, help="folder for report.json and overview.png")
+  predict.add_argument(
+      "--output",
+      required=True,
+      help="folder for report.json, overview.png and, with a multitask run, segmentation.nii.gz",
+  )
   predict.add_argument(
       "--step", type=int, default=None, help="checkpoint step; the best checkpoint when omitted"
   )
   predict.add_argument(
       "--series", default=None, help="SeriesInstanceUID to read when the folder contains several"
+  )
+  predict.add_argument(
+      "--aggregator",
+      default=None,
+      help="work directory of an aggregator run, for scan labels (multitask --checkpoint only)",
+  )
+  predict.add_argument(
+      "--aggregator-step",
+      type=int,
+      default=None,
+      help="checkpoint step of the aggregator run; its best checkpoint when omitted",
+  )
+  predict.add_argument(
+      "--batch-size",
+      type=int,
+      default=None,
+      help="slices per model call; default 32 for classification runs, 8 for multitask runs",
   )
   predict.set_defaults(run=_predict)
 

@@ -4,7 +4,8 @@ Layout, top to bottom: a title line, then the slice with the highest `any`
 probability in the brain, subdural and bone windows. Below them is a grid of up
 to `max_tiles` evenly spaced slices, which always includes the top slice, each
 captioned with its index and probability. Slices at or above the `any`
-threshold get a red frame and red caption, the others a grey frame.
+threshold get a red frame and red caption, the others a grey frame. With a
+predicted mask, every tile also shows the outline of its blood in yellow.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ BACKGROUND = (20, 20, 20)
 TEXT = (235, 235, 235)
 HIGHLIGHT = (230, 40, 40)
 FRAME = (90, 90, 90)
+OUTLINE = (255, 210, 0)  # outline of the predicted blood
 TILE = 176  # pixels per grid tile
 TOP_TILE = 288  # pixels per window of the top slice
 COLUMNS = 6
@@ -52,8 +54,26 @@ def choose_slices(probs_any: np.ndarray, max_tiles: int) -> list[int]:
   return sorted(picked)
 
 
-def _tile(image: np.ndarray, size: int) -> Image.Image:
-  return Image.fromarray(image, mode="L").resize((size, size), Image.Resampling.BILINEAR)
+def outline(mask: np.ndarray, size: int) -> np.ndarray:
+  """Return the bool (size, size) boundary of `mask > 0` after a nearest-neighbour resize to `size`.
+
+  A boundary pixel is inside the mask and has a 4-neighbour outside it (or
+  lies on the tile's edge).
+  """
+  inside = Image.fromarray(np.asarray(mask > 0, np.uint8) * 255, mode="L")
+  inside = np.asarray(inside.resize((size, size), Image.Resampling.NEAREST)) > 0
+  padded = np.pad(inside, 1)
+  interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+  return inside & ~interior
+
+
+def _tile(image: np.ndarray, size: int, mask: np.ndarray | None = None) -> Image.Image:
+  gray = Image.fromarray(image, mode="L").resize((size, size), Image.Resampling.BILINEAR)
+  if mask is None or not np.any(mask):
+    return gray
+  pixels = np.repeat(np.asarray(gray)[..., None], 3, axis=-1)
+  pixels[outline(mask, size)] = OUTLINE
+  return Image.fromarray(pixels, mode="RGB")
 
 
 def _framed(tile: Image.Image, color: tuple[int, int, int]) -> Image.Image:
@@ -69,8 +89,13 @@ def render_overview(
     *,
     title: str = "",
     max_tiles: int = 24,
+    mask: np.ndarray | None = None,
 ) -> Image.Image:
-  """Draw the overview of `hu` (slice, row, column; square slices) with `probs` (slice, 6)."""
+  """Draw the overview of `hu` (slice, row, column; square slices) with `probs` (slice, 6).
+
+  `mask`, when given, contains class ids on the grid of `hu`, and the
+  outline of its nonzero voxels is drawn on every tile.
+  """
   hu = np.asarray(hu)
   probs = np.asarray(probs)
   if hu.ndim != 3 or probs.ndim != 2 or probs.shape[0] != hu.shape[0]:
@@ -78,6 +103,8 @@ def render_overview(
         f"need hu (slice, row, column) and probabilities (slice, labels) for the same slices,"
         f" got {hu.shape} and {probs.shape}"
     )
+  if mask is not None and np.shape(mask) != hu.shape:
+    raise OverviewError(f"the mask has shape {np.shape(mask)}, expected the hu shape {hu.shape}")
   threshold = float(thresholds["any"])
   top = int(np.argmax(probs[:, 0]))
   chosen = choose_slices(probs[:, 0], max_tiles)
@@ -113,15 +140,15 @@ def render_overview(
   y += caption_height
   for k, name in enumerate(WINDOW_NAMES):
     x = MARGIN + k * (framed_top + MARGIN)
-    canvas.paste(
-        _framed(_tile(levels[..., k], TOP_TILE), HIGHLIGHT if top_positive else FRAME), (x, y)
-    )
+    tile = _tile(levels[..., k], TOP_TILE, None if mask is None else mask[top])
+    canvas.paste(_framed(tile, HIGHLIGHT if top_positive else FRAME), (x, y))
     draw.text((x + 2 * FRAME_WIDTH, y + 2 * FRAME_WIDTH), name, fill=TEXT, font=caption_font)
   y += framed_top + MARGIN
 
   draw.text(
       (MARGIN, y),
-      f"brain window, {len(chosen)} of {hu.shape[0]} slices; red: 'any' >= {threshold:.2f}",
+      f"brain window, {len(chosen)} of {hu.shape[0]} slices; red: 'any' >= {threshold:.2f}"
+      + ("; yellow: predicted blood" if mask is not None else ""),
       fill=TEXT,
       font=caption_font,
   )
@@ -133,7 +160,8 @@ def render_overview(
     positive = probs[index, 0] >= threshold
     color = HIGHLIGHT if positive else FRAME
     brain = windows_uint8(hu[index])[..., 0]
-    canvas.paste(_framed(_tile(brain, TILE), color), (x, tile_y))
+    tile = _tile(brain, TILE, None if mask is None else mask[index])
+    canvas.paste(_framed(tile, color), (x, tile_y))
     caption = f"#{index}  any {probs[index, 0]:.2f}" + ("  top" if index == top else "")
     draw.text(
         (x, tile_y + framed_tile + 2),
@@ -152,10 +180,11 @@ def save_overview(
     *,
     title: str = "",
     max_tiles: int = 24,
+    mask: np.ndarray | None = None,
 ) -> pathlib.Path:
   """Render the overview and write it as PNG to `path`."""
   path = pathlib.Path(path)
-  image = render_overview(hu, probs, thresholds, title=title, max_tiles=max_tiles)
+  image = render_overview(hu, probs, thresholds, title=title, max_tiles=max_tiles, mask=mask)
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")

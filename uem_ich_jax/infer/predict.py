@@ -8,6 +8,10 @@ air to that square field of view using its pixel spacing, separately for rows
 and columns, then resized with linear interpolation. Slices are classified as
 acquired: a tilted or unevenly spaced series is not resampled, because every
 slice is judged on its own.
+
+A multitask run goes to `uem_ich_jax.infer.scan_predict`, which reuses these
+helpers and adds the segmentation, boxes, blood volumes and, with an
+aggregator run, scan labels.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import math
 import os
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -75,7 +80,8 @@ def input_geometry(config: ml_collections.ConfigDict) -> InputGeometry:
         f" {config.data.name!r} in {config.data.data_dir or 'the TFDS default'} cannot be read"
         f" ({type(error).__name__}: {error})"
     ) from error
-  size = int(np.asarray(example["image"]).shape[0])
+  # Slice examples store (row, column, 3) images, scan examples (slice, row, column, 3).
+  size = int(np.asarray(example["image"]).shape[-2])
   column_mm = float(np.asarray(example["spacing"])[2])
   return InputGeometry(size, column_mm * size)
 
@@ -91,19 +97,40 @@ def read_scan(path: str | os.PathLike, *, series_uid: str | None = None) -> ct.C
   return ct.read_dicom_series(path, series_uid=series_uid)
 
 
+def _square_start(current: int, size: int) -> int:
+  """Return the source index of square index 0 along one axis (negative when padded)."""
+  if current >= size:
+    return (current - size) // 2
+  return -((size - current) // 2)
+
+
 def _crop_or_pad(hu: np.ndarray, axis: int, size: int) -> tuple[np.ndarray, int]:
   """Centre-crop or air-pad `hu` along `axis` to `size`; returns the array and the start offset.
 
   The offset is the source index of new index 0 (negative when padded).
   """
   current = hu.shape[axis]
-  if current >= size:
-    start = (current - size) // 2
+  start = _square_start(current, size)
+  if start >= 0:
     return np.take(hu, np.arange(start, start + size), axis=axis), start
-  before = (size - current) // 2
   widths = [(0, 0)] * hu.ndim
-  widths[axis] = (before, size - current - before)
-  return np.pad(hu, widths, constant_values=AIR_HU), -before
+  widths[axis] = (-start, size - current + start)
+  return np.pad(hu, widths, constant_values=AIR_HU), start
+
+
+def square_pixels(volume: ct.CTVolume, field_of_view_mm: float) -> tuple[int, int]:
+  """Return the side of the square field of view in source pixels, along rows and along columns."""
+  return tuple(
+      max(1, int(round(field_of_view_mm / volume.spacing[axis]))) for axis in (1, 2)
+  )
+
+
+def square_starts(volume: ct.CTVolume, field_of_view_mm: float) -> tuple[int, int]:
+  """Return the source (row, column) of square pixel (0, 0); negative where the square is padded."""
+  pixels = square_pixels(volume, field_of_view_mm)
+  return tuple(
+      _square_start(volume.shape[axis], size) for axis, size in zip((1, 2), pixels)
+  )
 
 
 def square_field_of_view(volume: ct.CTVolume, field_of_view_mm: float) -> ct.CTVolume:
@@ -113,8 +140,7 @@ def square_field_of_view(volume: ct.CTVolume, field_of_view_mm: float) -> ct.CTV
   """
   hu = np.asarray(volume.hu, dtype=np.float32)
   offsets = []
-  for axis in (1, 2):
-    pixels = max(1, int(round(field_of_view_mm / volume.spacing[axis])))
+  for axis, pixels in zip((1, 2), square_pixels(volume, field_of_view_mm)):
     hu, start = _crop_or_pad(hu, axis, pixels)
     offsets.append(start)
   affine = np.asarray(volume.affine, dtype=np.float64).copy()
@@ -177,30 +203,40 @@ def resolve_step(workdir: str | os.PathLike, step: int | None) -> int:
 
 
 def validation_thresholds(
-    workdir: str | os.PathLike, step: int, config: ml_collections.ConfigDict
+    workdir: str | os.PathLike,
+    step: int,
+    config: ml_collections.ConfigDict,
+    *,
+    names: Sequence[str] = LABELS,
+    section: str | None = None,
 ) -> tuple[dict[str, float], str]:
   """Per-label thresholds saved by `uem-ich evaluate` for `step`, and where they came from.
 
-  Falls back to 0.5 for every label, with a source text that states it, when
-  no evaluation of that step and test fold was saved.
+  The thresholds are read from `classes` of the evaluation JSON, or from
+  `<section>.classes` when a stage nests its classification result (the
+  multitask stage stores it under "classification"). Falls back to 0.5 for
+  every label of `names`, with a source text that states it, when no
+  evaluation of that step and test fold was saved.
   """
   path = pathlib.Path(workdir) / f"eval_step{step}_fold{config.data.test_fold}.json"
   if path.is_file():
     try:
-      classes = json.loads(path.read_text())["classes"]
-      return {name: float(classes[name]["threshold"]) for name in LABELS}, str(path)
+      result = json.loads(path.read_text())
+      classes = (result if section is None else result[section])["classes"]
+      return {name: float(classes[name]["threshold"]) for name in names}, str(path)
     except (ValueError, KeyError, TypeError) as error:
       logger.warning(
           "%s contains no valid thresholds (%s), so %.1f is used", path, error, DEFAULT_THRESHOLD
       )
   return (
-      {name: DEFAULT_THRESHOLD for name in LABELS},
+      {name: DEFAULT_THRESHOLD for name in names},
       f"default {DEFAULT_THRESHOLD}: no evaluation of step {step} was saved in {workdir}"
       " (run `uem-ich evaluate` to choose thresholds on the validation fold)",
   )
 
 
-def _finite(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
+  """Return `value` as a float, or None when it is NaN or infinite (strict JSON has neither)."""
   value = float(value)
   return value if math.isfinite(value) else None
 
@@ -223,16 +259,16 @@ def build_report(
   for index in range(volume.num_slices):
     slices.append({
         "index": index,
-        "position_mm": _finite(positions[index]),
+        "position_mm": finite_or_none(positions[index]),
         "sop_instance_uid": uids[index] if index < len(uids) and uids[index] else None,
-        "probabilities": {name: _finite(probs[index, k]) for k, name in enumerate(LABELS)},
+        "probabilities": {name: finite_or_none(probs[index, k]) for k, name in enumerate(LABELS)},
     })
   scan = {}
   for k, name in enumerate(LABELS):
     top = int(np.argmax(probs[:, k]))
     maximum = float(probs[top, k])
     scan[name] = {
-        "max_probability": _finite(maximum),
+        "max_probability": finite_or_none(maximum),
         "slice": top,
         "threshold": thresholds[name],
         "positive": bool(maximum >= thresholds[name]),
@@ -245,7 +281,7 @@ def build_report(
       "series_description": provenance.series_description or None,
       "shape": list(volume.shape),
       "spacing_mm": [float(value) for value in volume.spacing],
-      "gantry_tilt_deg": _finite(tilt),
+      "gantry_tilt_deg": finite_or_none(tilt),
       "spacing_varies": bool(provenance.spacing_varies),
       "reader_warnings": list(provenance.warnings),
       "slices_as_acquired": (
@@ -264,8 +300,8 @@ def build_report(
       "scan": scan,
       "top_slice": {
           "index": top_slice,
-          "position_mm": _finite(positions[top_slice]),
-          "any": _finite(probs[top_slice, 0]),
+          "position_mm": finite_or_none(positions[top_slice]),
+          "any": finite_or_none(probs[top_slice, 0]),
       },
       "slices": slices,
   }
@@ -278,12 +314,16 @@ def predict(
     *,
     step: int | None = None,
     series_uid: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    aggregator_dir: str | os.PathLike | None = None,
+    aggregator_step: int | None = None,
 ) -> dict[str, Any]:
-  """Classify every slice of `input_path` with the run in `checkpoint_dir`.
+  """Run the model of `checkpoint_dir` on every slice of `input_path` and write the outputs.
 
-  Writes `output_dir/report.json` and `output_dir/overview.png` and returns
-  the report.
+  A classification run writes `output_dir/report.json` and
+  `output_dir/overview.png` here. A multitask run, optionally with an
+  aggregator run (`aggregator_dir`), goes through `scan_predict.predict_scan`,
+  which also writes the segmentation. Returns the report.
   """
   from uem_ich_jax.infer import overview
   from uem_ich_jax.train import checkpoint
@@ -291,11 +331,35 @@ def predict(
   checkpoint_dir = pathlib.Path(checkpoint_dir)
   output_dir = pathlib.Path(output_dir)
   stage = checkpoint.load_config(checkpoint_dir).stage
+  if stage == "multitask":
+    from uem_ich_jax.infer import scan_predict
+
+    return scan_predict.predict_scan(
+        checkpoint_dir,
+        input_path,
+        output_dir,
+        step=step,
+        series_uid=series_uid,
+        batch_size=batch_size or scan_predict.DEFAULT_BATCH_SIZE,
+        aggregator_dir=aggregator_dir,
+        aggregator_step=aggregator_step,
+    )
+  if stage == "aggregator":
+    raise PredictError(
+        f"{checkpoint_dir} is an 'aggregator' run; pass it with --aggregator and give the"
+        " multitask run whose encoder it uses as --checkpoint"
+    )
   if stage != "classification":
     raise PredictError(
-        f"{checkpoint_dir} is a {stage!r} run; predict needs a classification run (a pretrained"
-        " encoder is used by training a classifier from it with config.init_from)"
+        f"{checkpoint_dir} is a {stage!r} run; predict needs a classification or multitask run"
+        " (a pretrained encoder is used by training a classifier from it with config.init_from)"
     )
+  if aggregator_dir is not None:
+    raise PredictError(
+        f"--aggregator {aggregator_dir} needs a multitask run as --checkpoint, but"
+        f" {checkpoint_dir} is a classification run"
+    )
+  batch_size = batch_size or 32
   volume = read_scan(input_path, series_uid=series_uid)
   step = resolve_step(checkpoint_dir, step)
   model, config = checkpoint.restore_model(checkpoint_dir, step)
@@ -334,12 +398,13 @@ def predict(
   except OSError as error:
     raise PredictError(f"failed to write the report to {output_dir}: {error}") from error
   overview.save_overview(
-      square.hu, probs, thresholds, output_dir / OVERVIEW_FILE, title=_title(report)
+      square.hu, probs, thresholds, output_dir / OVERVIEW_FILE, title=overview_title(report)
   )
   return report
 
 
-def _title(report: dict[str, Any]) -> str:
+def overview_title(report: dict[str, Any]) -> str:
+  """Return the overview's title line: the series, the `any` verdict and its top slice."""
   name = report["series_description"] or pathlib.Path(report["input"]).name
   verdict = "positive" if report["scan"]["any"]["positive"] else "negative"
   top = report["top_slice"]
