@@ -19,10 +19,19 @@ shows, then run, for example:
 Prints a table, then one JSON line. `ratio` is our images/s over timm's for
 the training step and `inference_ratio` the same for inference. Both are null,
 with `timm_unavailable` giving the reason, when torch or timm cannot be
-imported.
+imported, and with `--backend gpu` or `tpu`, since timm runs on the CPU here.
+
+On an accelerator (`--backend gpu --dtype bfloat16`), the JSON line also gives
+the model FLOP utilisation: the FLOPs that XLA counts for the compiled step
+over the median step time, divided by the device's peak (`--peak-tflops`, or
+a table of some GPUs' dense bfloat16 peaks).
 """
 
 from __future__ import annotations
+
+# TODO: on the 2-core CPU our training step runs at about 0.78x timm's images/s
+# and inference at about 0.7x; the targets are 1x and 1.5x. Blocks of stages 2
+# to 4 are 10-25% slower than timm's (experiments/BENCHMARKS.md); profile them.
 
 import argparse
 import importlib.util
@@ -95,7 +104,7 @@ def bench_config(args: argparse.Namespace):
   config.model.head = args.head
   config.model.coordinate_attention_stages = args.coordinate_attention_stages
   config.model.drop_path_rate = args.drop_path_rate
-  config.model.dtype = "float32"
+  config.model.dtype = args.dtype
   # BCE, so that the loss is the one the PyTorch side computes.
   config.loss.kind = "bce"
   config.data.batch_size = args.batch
@@ -117,10 +126,18 @@ def random_batch(args: argparse.Namespace) -> dict[str, np.ndarray]:
   }
 
 
+def bench_device(args: argparse.Namespace) -> jax.Device:
+  """Return the first device of `--backend` (cpu, gpu or tpu)."""
+  try:
+    return jax.devices(args.backend)[0]
+  except RuntimeError as error:
+    raise InputError(f"--backend {args.backend}: no such device here ({error})") from error
+
+
 def bench_ours(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-  """Time the trainer's jitted train step and eval step on one CPU device."""
+  """Time the trainer's jitted train step and eval step on one device of `--backend`."""
   config = bench_config(args)
-  setup = trainer.build(config, devices=[jax.devices("cpu")[0]])
+  setup = trainer.build(config, devices=[bench_device(args)])
   state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
   metrics = trainer.empty_metrics(setup)
   device_batch = trainer.model_batch(setup, batch)
@@ -128,6 +145,7 @@ def bench_ours(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> dict[s
   start = time.perf_counter()
   train_step = trainer.compile_train_step(setup, state, metrics, device_batch)
   train_compile_seconds = time.perf_counter() - start
+  train_flops = compiled_flops(train_step)
 
   # The step donates state and metrics, so each call must use the previous outputs.
   carry = {"state": state, "metrics": metrics}
@@ -155,7 +173,44 @@ def bench_ours(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> dict[s
       "inference": inference,
       "train_compile_seconds": train_compile_seconds,
       "inference_compile_seconds": eval_compile_seconds,
+      "train_flops": train_flops,
   }
+
+
+def compiled_flops(compiled: Any) -> float | None:
+  """Return the FLOPs per call that XLA's cost analysis counts for a compiled program, or None."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # Not every backend implements the cost analysis.
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or "flops" not in analysis:
+    return None
+  return float(analysis["flops"])
+
+
+# Dense bfloat16 peak FLOP/s of some accelerators, from their vendors' data
+# sheets (without sparsity). Others need --peak-tflops.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+}
+
+
+def peak_flops(device: jax.Device, dtype: str, given_tflops: float | None) -> float | None:
+  """Return the device's peak FLOP/s for `dtype`: --peak-tflops, else the table for bfloat16."""
+  if given_tflops is not None:
+    return given_tflops * 1e12
+  if dtype != "bfloat16":
+    return None
+  kind = getattr(device, "device_kind", "")
+  for name, flops in PEAK_BF16_FLOPS.items():
+    if kind.startswith(name):
+      return flops
+  return None
 
 
 # ------------------------------------------------------------------- timm ---
@@ -246,7 +301,7 @@ def _ratio(ours: float, theirs: float | None) -> float | None:
 def print_table(result: dict[str, Any]) -> None:
   print(
       f"ConvNeXt-V2 {result['variant']}, {result['size']}x{result['size']} px, batch"
-      f" {result['batch']}, float32 on {result['device']}:"
+      f" {result['batch']}, {result['dtype']} on {result['device']}:"
       f" {result['warmup']} warmup + {result['steps']} measured steps each"
   )
   columns = ("train img/s", "median step s", "infer img/s", "median infer s")
@@ -260,6 +315,11 @@ def print_table(result: dict[str, Any]) -> None:
         f" {result[f'{prefix}inference_images_per_s']:12.3f}"
         f" {result[f'{prefix}inference_seconds_median']:15.3f}"
     )
+  if result["achieved_flops_per_s"] is not None:
+    line = f"train step: {result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s (XLA's FLOP count)"
+    if result["model_flops_utilisation"] is not None:
+      line += f", {100 * result['model_flops_utilisation']:.1f}% of the device's peak"
+    print(line)
   if result["ratio"] is None:
     print(f"ratio: null ({result['timm_unavailable']})")
   else:
@@ -277,7 +337,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   ours = bench_ours(args, batch)
   torch, timm, unavailable = import_timm()
+  if args.backend != "cpu":
+    # timm runs on the CPU only here, so a ratio against it would compare devices.
+    torch, timm, unavailable = None, None, f"timm is compared on the CPU only, not on {args.backend}"
   theirs = None if torch is None else bench_timm(args, batch, torch, timm, threads)
+  device = bench_device(args)
+  peak = peak_flops(device, args.dtype, args.peak_tflops)
   load_after = os.getloadavg()
 
   def rate(timing: dict[str, Any] | None, kind: str) -> float | None:
@@ -290,6 +355,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   inference_images_per_s = rate(ours, "inference")
   timm_images_per_s = rate(theirs, "train")
   timm_inference_images_per_s = rate(theirs, "inference")
+  flops = ours["train_flops"]
+  achieved = None if flops is None else flops / ours["train"]["median_seconds"]
   return {
       "variant": args.variant,
       "size": args.size,
@@ -312,8 +379,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "ratio": _ratio(images_per_s, timm_images_per_s),
       "inference_ratio": _ratio(inference_images_per_s, timm_inference_images_per_s),
       "timm_unavailable": unavailable,
-      "device": f"cpu ({cpu_name()}, {threads} cores)",
-      "jax_backend": jax.devices("cpu")[0].platform,
+      "dtype": args.dtype,
+      # XLA's count for the compiled step (forward, backward, optimizer), so
+      # rematerialised work counts too.
+      "train_step_flops": flops,
+      "achieved_flops_per_s": achieved,
+      "peak_flops_per_s": peak,
+      "model_flops_utilisation": None if achieved is None or peak is None else achieved / peak,
+      "device": (
+          f"cpu ({cpu_name()}, {threads} cores)" if args.backend == "cpu" else device.device_kind
+      ),
+      "jax_backend": device.platform,
       "jax_version": jax.__version__,
       "torch_version": None if torch is None else torch.__version__,
       "timm_version": None if timm is None else timm.__version__,
@@ -385,6 +461,21 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument(
       "--seed", type=int, default=0, help="seed of the parameters, drop path and the random batch"
+  )
+  parser.add_argument(
+      "--backend",
+      default="cpu",
+      choices=("cpu", "gpu", "tpu"),
+      help="device of our step (default cpu); timm is compared on the CPU only",
+  )
+  parser.add_argument(
+      "--dtype", default="float32", choices=("float32", "bfloat16"), help="our compute dtype"
+  )
+  parser.add_argument(
+      "--peak-tflops",
+      type=float,
+      help="the device's peak TFLOP/s for --dtype, for the utilisation figure (default: a"
+      " table of some GPUs, bfloat16 only)",
   )
   args = parser.parse_args(argv)
   defaults = _load_base_config().model

@@ -33,6 +33,17 @@ def _load_script():
   return module
 
 
+def test_peak_flops_from_table_or_flag():
+  bench = _load_script()
+
+  class Device:
+    device_kind = "NVIDIA H100 80GB HBM3"
+
+  assert bench.peak_flops(Device(), "bfloat16", None) == 989e12
+  assert bench.peak_flops(Device(), "float32", None) is None
+  assert bench.peak_flops(Device(), "float32", 60.0) == 60e12
+
+
 @pytest.mark.slow  # compiling the steps took about 60 s on a 2-core CPU with a cold JAX cache
 def test_bench_json_line(capsys):
   bench = _load_script()
@@ -49,6 +60,10 @@ def test_bench_json_line(capsys):
   assert result["batch"] == 2
   assert result["images_per_s"] > 0
   assert result["inference_images_per_s"] > 0
+  assert result["train_step_flops"] > 0
+  assert result["achieved_flops_per_s"] > 0
+  # No peak is known for a CPU, so no utilisation is made up.
+  assert result["model_flops_utilisation"] is None
   if importlib.util.find_spec("torch") is None:
     assert result["ratio"] is None
     assert result["inference_ratio"] is None
@@ -86,3 +101,22 @@ def test_ssl_bench_json_line(capsys):
   assert result["glcm_share"] == pytest.approx(
       1 - result["seconds_without_glcm"] / result["seconds_with_glcm"]
   )
+
+
+INPUT_SCRIPT = SCRIPT.with_name("bench_input.py")
+
+
+def test_input_bench_json_line(capsys, tmp_path):
+  spec = importlib.util.spec_from_file_location("bench_input", INPUT_SCRIPT)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  status = bench.main([
+      "--size", "64", "--batch", "4", "--workers", "0", "--warmup", "1", "--batches", "2",
+      "--scans", "5", "--slices", "4", "--data-dir", str(tmp_path),
+  ])
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert status == 0
+  [row] = result["rows"]
+  assert row["image_shape"] == [4, 64, 64, 3]
+  assert row["slices_per_s"] > 0
+  assert row["slices_per_cpu_s"] > 0
