@@ -127,6 +127,23 @@ def test_evaluate_counts_every_example_once(request, data_dir, tmp_path):
   np.testing.assert_array_equal(outputs["labels"], labels)
 
 
+def _assert_same_checkpoint(expected_dir, actual_dir, *, step):
+  """Assert that two runs saved bitwise equal arrays at `step`.
+
+  Bitwise on CPU, because the same programs run on the same inputs.
+  """
+  arrays = []
+  for workdir in (expected_dir, actual_dir):
+    manager = checkpoint.CheckpointManager(workdir, read_only=True)
+    arrays.append(manager.restore_arrays(step))
+    manager.close()
+  expected, actual = arrays
+  for (path, a), b in zip(
+      jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(actual)
+  ):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.slow
 def test_stopped_and_resumed_run_equals_uninterrupted(request, data_dir, tmp_path):
   # Augmentation and dropout on, so the data position and the step keys matter.
@@ -138,19 +155,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(request, data_dir, tmp_pat
   assert resumed.all_steps() == [2]
   resumed.close()
   trainer.train(config, tmp_path / "split")
-
-  def final(workdir):
-    manager = checkpoint.CheckpointManager(workdir, read_only=True)
-    arrays = manager.restore_arrays(4)
-    manager.close()
-    return arrays
-
-  whole, split = final(tmp_path / "whole"), final(tmp_path / "split")
-  # Bitwise on CPU: the same programs run on the same inputs.
-  for (path, a), b in zip(
-      jax.tree_util.tree_flatten_with_path(whole)[0], jax.tree.leaves(split)
-  ):
-    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  _assert_same_checkpoint(tmp_path / "whole", tmp_path / "split", step=4)
 
 
 @pytest.mark.slow
@@ -185,18 +190,7 @@ def test_sigterm_saves_then_resumes_identically(
   assert manager.all_steps() == [3]
   manager.close()
   assert cli.main(argv) == 0
-
-  def final(workdir):
-    manager = checkpoint.CheckpointManager(workdir, read_only=True)
-    arrays = manager.restore_arrays(4)
-    manager.close()
-    return arrays
-
-  whole, resumed = final(tmp_path / "whole"), final(tmp_path / "preempted")
-  for (path, a), b in zip(
-      jax.tree_util.tree_flatten_with_path(whole)[0], jax.tree.leaves(resumed)
-  ):
-    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  _assert_same_checkpoint(tmp_path / "whole", tmp_path / "preempted", step=4)
 
 
 def test_preemption_watch_restores_the_previous_handler():

@@ -197,8 +197,10 @@ def test_checkpoint_from_eight_devices_restores_on_one(result):
 def test_checkpoints_restore_across_mesh_layouts(result):
   # (4, 2) saved, (2, 4) restored; 1 device saved, (4, 2) restored.
   assert result["wide_sharded"] > 0, "nothing sharded on the (2, 4) mesh; the test proves nothing"
-  assert result["wide_diff"] == 0.0 and result["wide_layout"]
-  assert result["eight_diff"] == 0.0 and result["eight_layout"]
+  assert result["wide_diff"] == 0.0
+  assert result["wide_layout"]
+  assert result["eight_diff"] == 0.0
+  assert result["eight_layout"]
 
 
 @pytest.mark.slow

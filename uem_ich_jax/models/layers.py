@@ -181,8 +181,8 @@ def _shifted_kernel_gradient(padded: jax.Array, grad: jax.Array) -> jax.Array:
   """Return d(loss)/d(kernel) (kh, kw, 1, C) from the padded input and the output gradient.
 
   Tap (i, j) is the sum over batch and positions of padded[h + i, w + j] *
-  grad[h, w]. Summed over whole maps, the kh * kw products each read both
-  arrays from memory once; a loop over row tiles keeps them in cache instead.
+  grad[h, w]. Summed over whole maps, each of the kh * kw products would read
+  both arrays from memory. A loop over row tiles keeps them in cache instead.
   """
   _, padded_rows, padded_columns, channels = padded.shape
   rows, columns = grad.shape[1:3]
