@@ -154,55 +154,32 @@ def slice_settings(
   )
 
 
-def slice_tokens(maps: tuple[jax.Array, ...], token_features: str) -> jax.Array:
-  """Build (N, h, w, C) aggregator tokens from stage maps, as `ScanModel.scan_features` does.
-
-  "last" is the stride-32 map. "pyramid" max-pools every stage's map to the
-  stride-32 grid and concatenates them along channels.
-  """
-  if token_features == "last":
-    return maps[-1]
-  if token_features != "pyramid":
-    raise InputError(f"token_features is {token_features!r}, expected 'last' or 'pyramid'")
-  rows, columns = maps[-1].shape[1:3]
-  pooled = []
-  for stage_map in maps:
-    n, height, width, channels = stage_map.shape
-    blocks = stage_map.reshape(n, rows, height // rows, columns, width // columns, channels)
-    pooled.append(blocks.max(axis=(2, 4)))
-  return jnp.concatenate(pooled, axis=-1)
-
-
 def _slice_forward(
     graphdef: nnx.GraphDef, settings: SliceModelSettings, state: nnx.State, images: jax.Array
 ) -> dict[str, jax.Array]:
-  """Run `UEM` on a batch of slices and decode its outputs.
-
-  NOTE: this repeats the head calls of `UEM.__call__` (which does not return
-  the encoder maps that the tokens need), so a change there must be made here too.
-  """
+  """Run `UEM` on a batch of slices and decode its outputs."""
   from uem_ich_jax.models import detection
+  from uem_ich_jax.models import scan_model
   from uem_ich_jax.models import uem
   from uem_ich_jax.train import multitask
 
   model = nnx.merge(graphdef, state)
-  maps = model.features(images)
-  segmentation, _, neck = model.head_segmentation.decode(maps, tuple(images.shape[1:3]))
-  outputs = {
-      "probabilities": jax.nn.sigmoid(model.head(maps[-1]).astype(jnp.float32)),
-      "mask": multitask.predicted_mask(segmentation),
+  outputs, maps = model.outputs_and_features(images)
+  decoded = {
+      "probabilities": jax.nn.sigmoid(outputs["class_logits"]),
+      "mask": multitask.predicted_mask(outputs["segmentation"]),
   }
   if settings.detection:
-    decoded = detection.decode(
-        model.head_detection(neck, uem.NECK_STRIDE),
+    boxes = detection.decode(
+        outputs["detection"],
         uem.NECK_STRIDE,
         score_threshold=settings.score_threshold,
         max_detections=settings.max_detections,
     )
-    outputs.update({f"box_{key}": value for key, value in decoded.items()})
+    decoded.update({f"box_{key}": value for key, value in boxes.items()})
   if settings.token_features is not None:
-    outputs["tokens"] = slice_tokens(maps, settings.token_features)
-  return outputs
+    decoded["tokens"] = scan_model.tokens_from_maps(maps, settings.token_features)
+  return decoded
 
 
 # Module level, with the graph and settings static, so that every prediction

@@ -51,6 +51,20 @@ def _max_pool_to(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
   return x.reshape(n, grid[0], rows, grid[1], columns, channels).max(axis=(2, 4))
 
 
+def tokens_from_maps(maps: tuple[jax.Array, ...], token_features: str) -> jax.Array:
+  """Return (N, H/32, W/32, C) slice tokens from the four stage maps, by `token_features`.
+
+  "last" is the stride-32 map. "pyramid" max-pools every stage's map to the
+  stride-32 grid and concatenates them along channels.
+  """
+  if token_features not in TOKEN_FEATURES:
+    raise InputError(f"token_features is {token_features!r}, expected one of {TOKEN_FEATURES}")
+  if token_features == "last":
+    return maps[-1]
+  grid = tuple(maps[-1].shape[1:3])
+  return jnp.concatenate([_max_pool_to(stage_map, grid) for stage_map in maps], axis=-1)
+
+
 class ScanHeadStack(nnx.Module):
   """The per-scan part: optional projection, the slice-token aggregator, the scan head."""
 
@@ -201,11 +215,7 @@ class ScanModel(ConvNeXtV2):
     visible = jnp.broadcast_to(
         slice_mask.astype(bool).reshape(batch * slices, 1, 1), (batch * slices, *grid)
     )
-    maps = self.features(flat, visible)
-    if self.token_features == "last":
-      tokens = maps[-1]
-    else:
-      tokens = jnp.concatenate([_max_pool_to(stage_map, grid) for stage_map in maps], axis=-1)
+    tokens = tokens_from_maps(self.features(flat, visible), self.token_features)
     return tokens.reshape(batch, slices, *tokens.shape[1:])
 
   def __call__(

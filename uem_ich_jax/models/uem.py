@@ -97,6 +97,13 @@ class UEM(ConvNeXtV2):
     return ConvNeXtV2.__call__(self, x)
 
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    outputs, _ = self.outputs_and_features(x)
+    return outputs
+
+  def outputs_and_features(
+      self, x: jax.Array
+  ) -> tuple[dict[str, jax.Array], tuple[jax.Array, ...]]:
+    """Return the outputs of `__call__` and the four encoder stage maps they came from."""
     features = self.features(x)
     logits, aux, neck = self.head_segmentation.decode(features, tuple(x.shape[1:3]))
     outputs = {
@@ -106,4 +113,4 @@ class UEM(ConvNeXtV2):
     }
     if self.head_detection is not None:
       outputs["detection"] = self.head_detection(neck, NECK_STRIDE)
-    return outputs
+    return outputs, features
