@@ -19,8 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   # With fsdp > 1, the run stops before step 0 when more than this share of
   # the parameter bytes would be stored whole on every device.
   config.max_replicated_share = 0.1
-  # Reuse the state's buffers for the updated state; off only for debugging
-  # (it doubles the state's memory).
+  # Reuse the state's buffers for the updated state. Turn it off only for
+  # debugging, because the old and new state are then both kept.
   config.donate = True
   # jax.distributed.initialize(): "on", "off", or "auto" to follow the environment
   # (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, UEM_ICH_NUM_PROCESSES); see

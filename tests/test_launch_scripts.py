@@ -105,9 +105,12 @@ def test_tpu_pod_runs_train_on_every_host(tmp_path):
   assert train[-1] == "--config.data.batch_size=256"
 
 
-@pytest.mark.parametrize("script", ["multi_gpu.sh", "slurm_multi_node.sbatch", "tpu_pod.sh"])
-def test_scripts_name_missing_settings(tmp_path, script):
+@pytest.mark.parametrize(
+    "script, first_missing",
+    [("multi_gpu.sh", "WORKDIR"), ("slurm_multi_node.sbatch", "WORKDIR"), ("tpu_pod.sh", "TPU_NAME")],
+)
+def test_scripts_name_missing_settings(tmp_path, script, first_missing):
   completed, calls = _run(script, ["configs/ssl_pretrain.py"], tmp_path)
   assert completed.returncode != 0
-  assert "WORKDIR" in completed.stderr or "TPU_NAME" in completed.stderr
+  assert f"set {first_missing}" in completed.stderr
   assert calls == []

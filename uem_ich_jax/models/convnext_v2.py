@@ -64,9 +64,9 @@ class ConvNeXtV2Config:
       backend. The parameters are the same for all.
     remat: what the backward pass recomputes, one of `REMAT_POLICIES`.
       "none" keeps every activation. "block" keeps only each block's input
-      and recomputes the rest of the block, which cuts activation memory to
-      about one map per block for about a third more compute. "block_dots"
-      also keeps the outputs of the matrix multiplications in each block.
+      and recomputes the rest of the block in the backward pass, trading
+      compute for activation memory. "block_dots" also keeps the outputs of
+      the matrix multiplications in each block.
   """
 
   variant: str = "atto"
@@ -113,8 +113,8 @@ class ConvNeXtV2Config:
     return VARIANTS[self.variant][1]
 
 
-# Rematerialisation of a block: None runs it plainly; otherwise the
-# jax.checkpoint policy of what the backward pass may keep.
+# Rematerialisation policy of a block: the jax.checkpoint policy of what the
+# backward pass may keep, or None to run the block without rematerialisation.
 REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,

@@ -72,7 +72,7 @@ class PreemptionWatch:
     self._distributed = jax.process_count() > 1
 
   def __enter__(self) -> "PreemptionWatch":
-    # Signal handlers can only be set from the main thread; elsewhere (a
+    # Signal handlers can only be set from the main thread. Elsewhere (a
     # notebook worker thread) SIGTERM keeps its usual effect.
     if not self._distributed and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
