@@ -15,8 +15,9 @@ Other files (README.txt, .DS_Store, .json, .nii) are ignored with a debug log.
 Files without the 128-byte preamble and file meta information are read when
 they parse as a DICOM image dataset anyway.
 
-A file whose header, pixel data, rescale or geometry is invalid is skipped
-with a warning, and the read fails only when no file of the series is left.
+A file whose header, pixel data, rescale or geometry is invalid, and a
+localizer image (ImageType LOCALIZER) inside the series, is skipped with a
+warning, and the read fails only when no file of the series is left.
 Differences between valid slices (image size, orientation, pixel spacing, two
 images at one position) are errors, because no slice can be singled out as
 the wrong one.
@@ -38,6 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from uem_ich_jax.ct.dicom_files import _MAX_REASONS, _candidate_files, _scan_headers
 from uem_ich_jax.ct.dicom_geometry import (
@@ -65,17 +67,19 @@ from uem_ich_jax.ct.dicom_pixels import (
     MAX_ABS_HU,
     MAX_IMAGE_PIXELS,
     _MissingDecoderError,
+    may_store_hu_modulo_4096,
     slice_hu,
     stored_values,
 )
-from uem_ich_jax.ct.dicom_tags import _first_number, _kernel
-from uem_ich_jax.ct.volume import CTReadError, CTVolume, Provenance
+from uem_ich_jax.ct.dicom_tags import _first_number, _kernel, _tag_value
+from uem_ich_jax.ct.volume import MAX_VOXELS, CTReadError, CTVolume, Provenance
 
 __all__ = [
     "COLLINEAR_TOLERANCE_MM",
     "DUPLICATE_TOLERANCE_MM",
     "MAX_ABS_HU",
     "MAX_IMAGE_PIXELS",
+    "MAX_VOXELS",
     "MAX_PIXEL_SPACING_MM",
     "MAX_POSITION_MM",
     "ORIENTATION_TOLERANCE",
@@ -170,6 +174,16 @@ def _select_series(
   return next(iter(groups.values()))
 
 
+def _localizer_image_type(dataset: Dataset, source: str) -> str | None:
+  """Return ImageType as text when it marks a localizer (scout) image, else None."""
+  value = _tag_value(dataset, "ImageType", source)
+  if value is None:
+    return None
+  values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+  words = [str(item).strip().upper() for item in values]
+  return "\\".join(words) if "LOCALIZER" in words else None
+
+
 def _read_slice(path: pathlib.Path) -> _Slice:
   """Read one file's geometry and pixels, or raise CTReadError naming the file and the flaw."""
   source = str(path)
@@ -179,6 +193,10 @@ def _read_slice(path: pathlib.Path) -> _Slice:
   except Exception as error:  # pylint: disable=broad-except
     # See `_scan_file`: pydicom has no single error type for damaged files.
     raise CTReadError(f"{path}: unreadable DICOM file ({error})") from error
+  # A localizer is a projection image, so it has no place in the stack of slices.
+  image_type = _localizer_image_type(dataset, source)
+  if image_type is not None:
+    raise CTReadError(f"{path}: localizer image (ImageType {image_type}), not an axial slice")
   position = _slice_position(dataset, source)
   orientation = _slice_orientation(dataset, source)
   pixel_spacing = _pixel_spacing(dataset, source)
@@ -234,6 +252,7 @@ def read_dicom_series(
     *,
     series_uid: str | None = None,
     min_slices: int = 1,
+    max_voxels: int | None = None,
 ) -> CTVolume:
   """Read one CT series from a folder (searched recursively) or a single file.
 
@@ -242,6 +261,9 @@ def read_dicom_series(
     series_uid: the SeriesInstanceUID to read when the folder contains several.
     min_slices: the fewest slices to accept. The default 1 reads a single
       file as a one-slice volume; pass 2 or more where a volume is needed.
+    max_voxels: the largest series accepted, as the sum of Rows x Columns
+      over its files, checked from headers before any pixel data is read.
+      None means `MAX_VOXELS`.
 
   Returns:
     The volume with slices in ascending position along the slice normal.
@@ -251,10 +273,11 @@ def read_dicom_series(
       gives the first reasons), several series and no `series_uid`, a non-CT
       modality, fewer than `min_slices` valid slices, valid slices that differ
       in image size, orientation or pixel spacing, different images at one
-      position, or compressed pixel data without an installed decoder. A file
-      that cannot be parsed, or whose pixel data, rescale or geometry tags are
-      invalid, is skipped with a warning instead, unless no file of the series
-      is valid.
+      position, compressed pixel data without an installed decoder, or a
+      series larger than `max_voxels`. A file that cannot be parsed, whose
+      pixel data, rescale or geometry tags are invalid, or that is a localizer
+      image (ImageType LOCALIZER), is skipped with a warning instead, unless
+      no file of the series is valid.
   """
   path = pathlib.Path(path)
   return _read_volume(
@@ -263,6 +286,7 @@ def read_dicom_series(
       series_uid=series_uid,
       min_slices=min_slices,
       single_file=path.is_file(),
+      max_voxels=max_voxels,
   )
 
 
@@ -271,6 +295,7 @@ def read_dicom_files(
     *,
     series_uid: str | None = None,
     min_slices: int = 1,
+    max_voxels: int | None = None,
 ) -> CTVolume:
   """Read one CT series from a list of files, such as `DicomSeries.files`.
 
@@ -294,7 +319,8 @@ def read_dicom_files(
     )
   label = f"{len(paths)} files in {paths[0].parent}"
   return _read_volume(
-      label, paths, series_uid=series_uid, min_slices=min_slices, single_file=len(paths) == 1
+      label, paths, series_uid=series_uid, min_slices=min_slices, single_file=len(paths) == 1,
+      max_voxels=max_voxels,
   )
 
 
@@ -305,6 +331,7 @@ def _read_volume(
     series_uid: str | None,
     min_slices: int,
     single_file: bool,
+    max_voxels: int | None,
 ) -> CTVolume:
   scan = _scan_headers(files)
   if not scan.groups:
@@ -312,6 +339,7 @@ def _read_volume(
       raise CTReadError(scan.warnings[0].removeprefix("skipped "))
     raise CTReadError(scan.describe_failure(label))
   members = _select_series(label, scan.groups, series_uid)
+  _check_series_size(label, members, MAX_VOXELS if max_voxels is None else max_voxels)
   warnings = list(scan.warnings)
   slices = _read_slices(label, members, warnings)
   _check_same_grid(slices)
@@ -321,6 +349,46 @@ def _read_volume(
         f"{label}: {volume.num_slices} valid slice(s), at least {min_slices} needed"
     )
   return volume
+
+
+def _check_series_size(
+    label: str, members: Sequence[tuple[pathlib.Path, Dataset]], max_voxels: int
+) -> None:
+  """Raise when the headers' Rows x Columns add up to more than `max_voxels`.
+
+  This runs before any pixel data is read, so a folder of many large headers
+  cannot make the reader allocate the volume. A file whose Rows or Columns is
+  not an integer, or whose image exceeds `MAX_IMAGE_PIXELS`, counts as 0
+  here, because the slice reader skips it with a warning.
+  """
+  total = 0
+  for _, header in members:
+    try:
+      pixels = int(header.get("Rows") or 0) * int(header.get("Columns") or 0)
+    except (TypeError, ValueError):
+      continue
+    if 0 < pixels <= MAX_IMAGE_PIXELS:
+      total += pixels
+  if total > max_voxels:
+    raise CTReadError(
+        f"{label}: the {len(members)} files of the series have {total:,} voxels in all, more "
+        f"than the {max_voxels:,} accepted (the max_voxels argument, by default "
+        "uem_ich_jax.ct.volume.MAX_VOXELS)"
+    )
+
+
+def _wrap_warning(slices: Sequence[_Slice]) -> str | None:
+  """Return a warning when slices are 12-bit unsigned with an intercept that cannot give air."""
+  wrapped = [item for item in slices if may_store_hu_modulo_4096(item.dataset, str(item.path))]
+  if not wrapped:
+    return None
+  intercept = _first_number(wrapped[0].dataset, "RescaleIntercept", str(wrapped[0].path))
+  return (
+      f"{len(wrapped)} of {len(slices)} slices (first {wrapped[0].path}) have BitsStored 12, "
+      f"PixelRepresentation 0 and RescaleIntercept {intercept:g}, so they cannot store air. "
+      "Their negative HU may be stored modulo 4096, as in the RSNA 2019 release. They are read "
+      "as stored, so wrapped air reads as +3072 HU or more"
+  )
 
 
 def _assemble(slices: list[_Slice], warnings: list[str]) -> CTVolume:
@@ -336,6 +404,10 @@ def _assemble(slices: list[_Slice], warnings: list[str]) -> CTVolume:
   slices = sorted(slices, key=lambda item: along[id(item)])
   slices = _drop_duplicates(slices, along, warnings)
   positions = np.stack([item.position for item in slices])
+  wrap_warning = _wrap_warning(slices)
+  if wrap_warning:
+    logger.warning("%s", wrap_warning)
+    warnings.append(wrap_warning)
 
   if len(slices) == 1:
     thickness = _first_number(first.dataset, "SpacingBetweenSlices", source) or _first_number(

@@ -36,6 +36,7 @@ _HEADER_TAGS = (
     "SeriesDescription",
     "Modality",
     "Rows",
+    "Columns",
     "SOPClassUID",
 )
 

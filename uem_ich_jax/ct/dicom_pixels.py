@@ -18,6 +18,10 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 # HU beyond this (before the air floor) come from an invalid rescale, not
 # from a scanner. Extended-range CT scales reach a few 10^4 HU (an estimate).
 MAX_ABS_HU = 1e6
+# 12-bit unsigned slices whose RescaleIntercept is above this cannot store
+# air (-1000 HU). Such files in the RSNA 2019 release store negative HU
+# modulo 4096, so that air reads as +3072 HU or more.
+WRAP_INTERCEPT_ABOVE = -100.0
 
 
 class _MissingDecoderError(CTReadError):
@@ -184,6 +188,22 @@ def _rescale(dataset: Dataset, source: str) -> tuple[float, float]:
   if slope == 0:
     raise CTReadError(f"{source}: RescaleSlope is 0, so every voxel would have one HU value")
   return slope, intercept
+
+
+def may_store_hu_modulo_4096(dataset: Dataset, source: str = "") -> bool:
+  """Check whether a slice's header cannot store air, so negative HU may be stored modulo 4096.
+
+  True for BitsStored 12, PixelRepresentation 0 and RescaleIntercept above
+  `WRAP_INTERCEPT_ABOVE`, the files that the RSNA 2019 release wraps. Only the
+  header is read, so a slice without air at all also matches.
+  """
+  try:
+    bits_stored = _integer(dataset, "BitsStored", source, default=0)
+    pixel_representation = _integer(dataset, "PixelRepresentation", source, default=0)
+    intercept = _finite_number(dataset, "RescaleIntercept", source, default=0.0)
+  except CTReadError:
+    return False
+  return bits_stored == 12 and pixel_representation == 0 and intercept > WRAP_INTERCEPT_ABOVE
 
 
 def slice_hu(dataset: Dataset, source: str = "") -> np.ndarray:

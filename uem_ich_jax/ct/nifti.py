@@ -42,6 +42,7 @@ from uem_ich_jax.ct.volume import (
     MASK_IMAGE_GEOMETRY_ASSUMED,
     MASK_REORIENTED,
     MASK_SAME_GRID,
+    MAX_VOXELS,
     CTReadError,
     CTVolume,
     Provenance,
@@ -58,11 +59,6 @@ _NIFTI2_MAGIC_OFFSET = 4
 _NIFTI2_SINGLE_MAGIC = b"n+2\x00"
 # Enough bytes for either header: NIfTI-1 is 348 bytes, NIfTI-2 is 540.
 _MAX_HEADER_BYTES = 540
-
-# Largest volume read, in voxels. 2**31 voxels (1024 x 1024 x 2048) take 8 GiB
-# as float32, more than any head CT. A header that claims more is rejected
-# before any voxel data is read or decompressed.
-MAX_VOXELS = 2**31
 
 # Voxel sizes and origin coordinates outside these bounds (mm) are not a CT
 # scan. They come from damaged headers or from units other than mm.
@@ -167,7 +163,7 @@ def _voxel_dtype(header: nibabel.Nifti1Header, path: pathlib.Path) -> np.dtype:
   return dtype
 
 
-def _data_end(header: nibabel.Nifti1Header, path: pathlib.Path) -> int:
+def _data_end(header: nibabel.Nifti1Header, path: pathlib.Path, max_voxels: int) -> int:
   """Check dim, datatype and vox_offset, and return the byte where the voxel data ends."""
   dim = [int(size) for size in header["dim"]]
   num_dims = dim[0]
@@ -177,10 +173,10 @@ def _data_end(header: nibabel.Nifti1Header, path: pathlib.Path) -> int:
   if any(size < 0 for size in shape):
     raise CTReadError(f"{path}: invalid NIfTI header: negative size in shape {shape}")
   num_voxels = math.prod(shape)
-  if num_voxels > MAX_VOXELS:
+  if num_voxels > max_voxels:
     raise CTReadError(
-        f"{path}: header shape {shape} has {num_voxels:,} voxels, more than the "
-        f"{MAX_VOXELS:,} this reader accepts (uem_ich_jax.ct.nifti.MAX_VOXELS)"
+        f"{path}: header shape {shape} has {num_voxels:,} voxels, more than the {max_voxels:,} "
+        "accepted (the max_voxels argument, by default uem_ich_jax.ct.volume.MAX_VOXELS)"
     )
   dtype = _voxel_dtype(header, path)
 
@@ -194,8 +190,36 @@ def _data_end(header: nibabel.Nifti1Header, path: pathlib.Path) -> int:
   return int(offset) + num_voxels * dtype.itemsize
 
 
+def _check_scaling(header: nibabel.Nifti1Header, path: pathlib.Path) -> None:
+  """Reject a finite nonzero scl_slope with a non-finite scl_inter, because the values are unknown.
+
+  A scl_slope of 0, NaN or infinity means no scaling, so its scl_inter is
+  unused. NIfTI-1 says so for slope 0, and nibabel 5.4 (`get_slope_inter`)
+  extends it to non-finite slopes.
+  """
+  slope = float(header["scl_slope"])
+  intercept = float(header["scl_inter"])
+  if slope != 0 and math.isfinite(slope) and not math.isfinite(intercept):
+    raise CTReadError(
+        f"{path}: scl_slope is {slope:g} but scl_inter is {intercept}, not a finite number, so "
+        "the scaled voxel values are unknown; set scl_inter to the intended offset (0 for none)"
+    )
+
+
+def _scaling_warning(header: nibabel.Nifti1Header, path: pathlib.Path) -> str | None:
+  """Return a warning when a non-finite scl_slope makes the reader drop a nonzero scl_inter."""
+  slope = float(header["scl_slope"])
+  intercept = float(header["scl_inter"])
+  if math.isfinite(slope) or not math.isfinite(intercept) or intercept == 0:
+    return None
+  return (
+      f"{path}: scl_slope is {slope}, which means no scaling, so scl_inter {intercept:g} is "
+      "ignored and the stored values are read as HU"
+  )
+
+
 def _read_checked(
-    stream, path: pathlib.Path, file_size: int | None
+    stream, path: pathlib.Path, file_size: int | None, max_voxels: int
 ) -> tuple[type, nibabel.Nifti1Header, bytes]:
   """Read a header from `stream`, check it, then read exactly the bytes it describes.
 
@@ -208,7 +232,8 @@ def _read_checked(
   head = stream.read(_MAX_HEADER_BYTES)
   image_class = _image_class(head, path)
   header = _raw_header(image_class, head, path)
-  data_end = _data_end(header, path)
+  data_end = _data_end(header, path, max_voxels)
+  _check_scaling(header, path)
   shape = tuple(int(size) for size in header["dim"][1 : int(header["dim"][0]) + 1])
   truncated = (
       f"{path}: voxel data is truncated: the header implies {data_end:,} bytes "
@@ -238,15 +263,17 @@ def _drain_gzip_tail(stream, path: pathlib.Path, trailing: int) -> None:
 
 
 def _load_image(
-    path: pathlib.Path,
+    path: pathlib.Path, max_voxels: int | None = None
 ) -> tuple[nibabel.Nifti1Image | nibabel.Nifti2Image, nibabel.Nifti1Header]:
   """Load a single-file NIfTI-1 or NIfTI-2 image, detecting the format by content.
 
   The suffix is ignored: gzip is detected by its magic bytes, then NIfTI-1 by
   `n+1\\0` at byte 344 and NIfTI-2 by `n+2\\0` at byte 4, and the matching
   nibabel class parses the bytes. Returns the image and its header as stored
-  (see `_raw_header`).
+  (see `_raw_header`). `max_voxels` None means `MAX_VOXELS`.
   """
+  if max_voxels is None:
+    max_voxels = MAX_VOXELS
   if not path.exists():
     raise CTReadError(f"{path}: NIfTI file not found")
   if not path.is_file():
@@ -258,12 +285,12 @@ def _load_image(
       if compressed:
         try:
           with gzip.GzipFile(fileobj=file) as stream:
-            image_class, header, content = _read_checked(stream, path, None)
+            image_class, header, content = _read_checked(stream, path, None, max_voxels)
         except (EOFError, OSError, zlib.error) as error:
           raise CTReadError(f"{path}: gzip data is truncated or corrupt: {error}") from error
       else:
         image_class, header, content = _read_checked(
-            file, path, os.fstat(file.fileno()).st_size
+            file, path, os.fstat(file.fileno()).st_size, max_voxels
         )
   except OSError as error:
     raise CTReadError(f"{path}: cannot read file: {error}") from error
@@ -461,12 +488,15 @@ def _qform_sform_warning(header: nibabel.Nifti1Header, path: pathlib.Path) -> st
 
 
 def _read_canonical(
-    path: pathlib.Path,
+    path: pathlib.Path, max_voxels: int | None = None
 ) -> tuple[nibabel.spatialimages.SpatialImage, np.ndarray, np.ndarray, np.ndarray, list[str], int]:
   """Load an image; return it, its canonical HU, LPS affine, transform, warnings and non-finite count."""
-  image, raw_header = _load_image(path)
+  image, raw_header = _load_image(path, max_voxels)
   _check_units_and_pixdim(raw_header, path)
   warnings = []
+  scaling_warning = _scaling_warning(raw_header, path)
+  if scaling_warning:
+    warnings.append(scaling_warning)
   if int(raw_header["sform_code"]) == 0 and int(raw_header["qform_code"]) == 0:
     warnings.append(
         f"{path}: sform and qform codes are both 0, so geometry comes from voxel sizes only"
@@ -503,7 +533,7 @@ def _read_canonical(
   return image, hu, affine, transform, warnings, int(non_finite.sum())
 
 
-def read_nifti(path: str | os.PathLike) -> CTVolume:
+def read_nifti(path: str | os.PathLike, *, max_voxels: int | None = None) -> CTVolume:
   """Read a NIfTI-1 or NIfTI-2 CT file into a canonical `CTVolume`.
 
   The voxel values are taken as HU after the header's scl_slope/scl_inter,
@@ -520,19 +550,23 @@ def read_nifti(path: str | os.PathLike) -> CTVolume:
   float32 after scaling become `AIR_HU` with a warning, and their number is
   `provenance.non_finite_voxels`. Warnings, also stored
   in `provenance.warnings`, note a missing sform and qform, a qform whose axes
-  disagree with the sform's, HU above 1e5, and a gantry tilt.
+  disagree with the sform's, HU above 1e5, a gantry tilt, and a nonzero
+  scl_inter ignored because scl_slope is NaN or infinite (no scaling).
+
+  `max_voxels` is the largest volume accepted, checked against the header
+  before any voxel is read; None means `MAX_VOXELS`.
 
   Raises:
     CTReadError: the file is missing, not single-file NIfTI, or truncated. Or
       the header is invalid: dim, datatype or vox_offset out of range, RGB or
-      complex voxels, more than `MAX_VOXELS` voxels, or not exactly one 3D
-      volume. Or the geometry is invalid: spatial units of meter or micron,
+      complex voxels, more than `max_voxels` voxels, not exactly one 3D
+      volume, or a finite nonzero scl_slope with a NaN or infinite scl_inter. Or the geometry is invalid: spatial units of meter or micron,
       zero or negative pixdim without an sform, or an affine that is not
       finite or singular, with voxel sizes outside 0.001..1000 mm, or with an
       origin farther than 1e5 mm from 0.
   """
   path = pathlib.Path(path)
-  _, hu, affine, _, warnings, non_finite = _read_canonical(path)
+  _, hu, affine, _, warnings, non_finite = _read_canonical(path, max_voxels)
   return _volume_from_array(hu, affine, path, warnings, non_finite)
 
 
@@ -634,7 +668,10 @@ def _mask_by_own_affine(
 
 
 def read_nifti_pair(
-    image_path: str | os.PathLike, mask_path: str | os.PathLike
+    image_path: str | os.PathLike,
+    mask_path: str | os.PathLike,
+    *,
+    max_voxels: int | None = None,
 ) -> tuple[CTVolume, np.ndarray]:
   """Read a CT NIfTI and its segmentation mask NIfTI, both in canonical orientation.
 
@@ -657,15 +694,15 @@ def read_nifti_pair(
     shape.
 
   Raises:
-    CTReadError: either file unreadable (see `read_nifti`; the mask's own
-      geometry is not checked), shapes differ, or mask values outside the sets
-      above.
+    CTReadError: either file unreadable (see `read_nifti`, which also
+      describes `max_voxels`; the mask's own geometry is not checked),
+      shapes differ, or mask values outside the sets above.
   """
   image_path = pathlib.Path(image_path)
   mask_path = pathlib.Path(mask_path)
-  image, hu, affine, transform, warnings, non_finite = _read_canonical(image_path)
+  image, hu, affine, transform, warnings, non_finite = _read_canonical(image_path, max_voxels)
 
-  mask_image, _ = _load_image(mask_path)
+  mask_image, _ = _load_image(mask_path, max_voxels)
   mask_shape = _image_shape_3d(mask_image, mask_path)
   image_shape = _image_shape_3d(image, image_path)
   mask = _read_array(mask_image, mask_path)

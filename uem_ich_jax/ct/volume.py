@@ -13,6 +13,13 @@ logger = logging.getLogger(__name__)
 
 AIR_HU = -1024.0
 
+# Largest volume a reader accepts, in voxels, unless the caller passes another
+# limit. 2**31 voxels (1024 x 1024 x 2048) take 8 GiB as float32, more than
+# any head CT. Readers check it against the header, before reading voxel data.
+# TODO: no config field sets this yet, and `uem-ich predict` passes no
+# limit, so prediction accepts 8 GiB volumes even on a machine with less memory.
+MAX_VOXELS = 2**31
+
 
 def apply_air_floor(hu: np.ndarray) -> np.ndarray:
   """Return `hu` with every value below `AIR_HU` raised to `AIR_HU`, in the same dtype.
