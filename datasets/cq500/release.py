@@ -27,12 +27,24 @@ import re
 from collections.abc import Iterable
 
 import numpy as np
-import pydicom
-from pydicom.multival import MultiValue
 
 import uem_ich_jax
 from uem_ich_jax import ct
-from uem_ich_jax.ct.dicom import DUPLICATE_TOLERANCE_MM
+from uem_ich_jax.ct import series_choice
+from uem_ich_jax.ct.series_choice import (
+    MAX_AXIAL_ANGLE_DEG,
+    MIN_SERIES_IMAGES,
+    TARGET_SPACING_MM,
+    SeriesInfo,
+    SeriesRanking,
+    bone_kernel_reason,
+    contrast_reason,
+    describe_series,
+    measure_spacing,
+    normalize_description,
+    reformat_reason,
+    rejection_reason,
+)
 from uem_ich_jax.datasets.common import BuildReport, ReleaseNotFoundError
 from uem_ich_jax.errors import InputError
 
@@ -445,264 +457,15 @@ def read_bhx_csv(path: str | os.PathLike, report: BuildReport) -> list[BhxBox]:
 
 # --- Choosing one series per study -------------------------------------------
 
-TARGET_SPACING_MM = 5.0
-# A series with fewer images is a localizer or a partial series, not a head scan.
-MIN_SERIES_IMAGES = 8
-# A slice normal further than this from the patient's superior axis is not
-# axial: a coronal or sagittal reformat. Gantry tilt stays well below it.
-MAX_AXIAL_ANGLE_DEG = 45.0
-
-# Series descriptions are matched in upper case with runs of spaces made one.
-_NON_CONTRAST = re.compile(r"\b(PRE|NON|WITHOUT|W/O)[- ]?(IV )?CONTRAST\b|\bNONCONTRAST\b")
-_CONTRAST = re.compile(
-    r"CONTRAST|\bPOST\b|\d\s*CC\b|\bIV\b|\bORAL\b|\bANGIO|\bCTA\b|\bPERFUSION\b|\bVENO"
-    r"|\bARTERIAL\b|\bDELAYED\b|\bENHANCED\b|\bC\+"
-)
-# "C" and "C THIN" in the CQ500 series list: a description that is the
-# letter C alone or followed by one word is read as contrast-enhanced.
-# NOTE: inferred from the names alone, not from the headers of such series.
-_CONTRAST_LETTER = re.compile(r"^C(\s+\w+)?$")
-_REFORMAT = re.compile(
-    r"\b(3D|MPR|DMPR|MIP|MINIP|VRT?|COR|CORONAL|SAG|SAGITTAL|OBL|OBLIQUE|REFORMAT\w*|RECON 3D)\b"
-)
-_REFORMAT_IMAGE_TYPES = frozenset(
-    {"REFORMATTED", "MPR", "MIP", "MINIP", "VOLUME", "PROJECTION IMAGE", "CURVED", "3D",
-     "VOLUME_RENDER", "VR"}
-)
-_SHARP_WORDS = re.compile(r"BONE|\bHRCT\b|\bLUNG\b|\bSHARP\b|\bEDGE\b|\bDETAIL\b|\bHI ?RES\b")
-# Kernel tags that name a sharp reconstruction: GE (BONE, BONEPLUS, LUNG,
-# EDGE, DETAIL), Siemens H/J kernels 60 and up (H60s, J70h), Philips D, E, L,
-# YD, YE and YF. NOTE: any other kernel name counts as soft tissue.
-_SHARP_SIEMENS = re.compile(r"^[HJ]([6-9]\d)[A-Z]?$")
-_SHARP_PHILIPS = frozenset({"D", "E", "L", "YD", "YE", "YF"})
-_NO_AGENT = frozenset({"", "NONE", "NO", "N", "-", "NIL"})
-
-
-def normalize_description(text: str) -> str:
-  """Upper-case a series description and make each run of spaces one space."""
-  return re.sub(r"\s+", " ", text).strip().upper()
-
-
-def contrast_reason(description: str, contrast_agent: str = "") -> str | None:
-  """Return why the series is contrast-enhanced, or None for a non-contrast series.
-
-  "PRE CONTRAST" and "NON CONTRAST" mark a non-contrast series, and the
-  ContrastBolusAgent tag, when it names an agent, marks a contrast one.
-  """
-  agent = normalize_description(contrast_agent)
-  if agent not in _NO_AGENT:
-    return f"contrast: ContrastBolusAgent {contrast_agent.strip()!r}"
-  text = normalize_description(description)
-  if _NON_CONTRAST.search(text):
-    return None
-  match = _CONTRAST.search(text) or _CONTRAST_LETTER.search(text)
-  if match:
-    return f"contrast: description {description.strip()!r} contains {match.group(0).strip()!r}"
-  return None
-
-
-def reformat_reason(
-    description: str, image_type: Iterable[str] = (), normal_angle_deg: float | None = None
-) -> str | None:
-  """Return why the series is a reformat (3D, MPR, coronal, sagittal), or None for axial images."""
-  types = {normalize_description(value) for value in image_type}
-  found = sorted(types & _REFORMAT_IMAGE_TYPES)
-  if found:
-    return f"reformat: ImageType contains {found[0]}"
-  match = _REFORMAT.search(normalize_description(description))
-  if match:
-    return f"reformat: description {description.strip()!r} contains {match.group(0)!r}"
-  if normal_angle_deg is not None and normal_angle_deg > MAX_AXIAL_ANGLE_DEG:
-    return f"reformat: slices are {normal_angle_deg:.0f} degrees from axial"
-  return None
-
-
-def _sharp_kernel(kernel: str) -> bool:
-  for part in re.split(r"[\\/,]", kernel):
-    part = normalize_description(part)
-    if not part:
-      continue
-    if _SHARP_WORDS.search(part) or part in _SHARP_PHILIPS or _SHARP_SIEMENS.match(part):
-      return True
-  return False
-
-
-def bone_kernel_reason(description: str, kernel: str = "") -> str | None:
-  """Return why the series is a bone (sharp) reconstruction, or None for a soft-tissue one."""
-  match = _SHARP_WORDS.search(normalize_description(description))
-  if match:
-    return f"bone kernel: description {description.strip()!r} contains {match.group(0)!r}"
-  if _sharp_kernel(kernel):
-    return f"bone kernel: ConvolutionKernel {kernel!r}"
-  return None
-
-
-@dataclasses.dataclass(frozen=True)
-class SeriesInfo:
-  """Header facts of one series, for the choice.
-
-  Attributes:
-    series_uid: SeriesInstanceUID.
-    folder: the folder of the series' files, relative to the patient folder.
-    description: SeriesDescription, or the folder name less "CT " when it is empty.
-    kernel: ConvolutionKernel.
-    image_type: ImageType values.
-    contrast_agent: ContrastBolusAgent.
-    study_uid: StudyInstanceUID.
-    files: the image files.
-    normal_angle_deg: angle between the slice normal and the superior axis.
-    spacing_mm: median distance between slice planes, None when unmeasured.
-  """
-
-  series_uid: str
-  folder: str
-  description: str
-  kernel: str
-  image_type: tuple[str, ...]
-  contrast_agent: str
-  study_uid: str
-  files: tuple[pathlib.Path, ...]
-  normal_angle_deg: float | None
-  spacing_mm: float | None
-
-  @property
-  def num_images(self) -> int:
-    return len(self.files)
-
-  def summary(self) -> dict:
-    """JSON-ready description for the build log and the metadata."""
-    return {
-        "folder": self.folder,
-        "description": self.description,
-        "series_uid": self.series_uid,
-        "kernel": self.kernel,
-        "images": self.num_images,
-        "spacing_mm": None if self.spacing_mm is None else round(self.spacing_mm, 3),
-    }
-
-
-def _header_text(dataset: pydicom.Dataset, keyword: str) -> str:
-  value = dataset.get(keyword, "")
-  if isinstance(value, (list, tuple, MultiValue)):
-    return "\\".join(str(item) for item in value)
-  return str(value)
-
-
-def _plane_geometry(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-  """Return (position, unit normal) of one file's slice plane, from its header."""
-  dataset = pydicom.dcmread(
-      path, stop_before_pixels=True, force=True,
-      specific_tags=["ImagePositionPatient", "ImageOrientationPatient"],
-  )
-  position = np.asarray([float(v) for v in dataset.ImagePositionPatient], np.float64)
-  orientation = np.asarray([float(v) for v in dataset.ImageOrientationPatient], np.float64)
-  if position.shape != (3,) or orientation.shape != (6,):
-    raise ValueError("ImagePositionPatient or ImageOrientationPatient has the wrong length")
-  normal = np.cross(orientation[:3], orientation[3:])
-  length = float(np.linalg.norm(normal))
-  if not length > 0:
-    raise ValueError("ImageOrientationPatient has parallel or zero direction cosines")
-  return position, normal / length
-
-
-def measure_spacing(files: Iterable[pathlib.Path]) -> float:
-  """Return the median distance between the distinct slice planes of `files`, in mm.
-
-  Only for choosing a series: the volume's spacing comes from the CT reader.
-
-  Raises:
-    ValueError: a header without geometry, or fewer than two distinct planes.
-  """
-  files = list(files)
-  _, normal = _plane_geometry(files[0])
-  heights = np.sort([float(_plane_geometry(path)[0] @ normal) for path in files])
-  gaps = np.diff(heights)
-  gaps = gaps[gaps > DUPLICATE_TOLERANCE_MM]
-  if not len(gaps):
-    raise ValueError("fewer than two distinct slice positions")
-  return float(np.median(gaps))
-
-
-def describe_series(series: ct.DicomSeries, patient_folder: pathlib.Path) -> SeriesInfo:
-  """Read the header facts of a series found by `ct.list_dicom_series`."""
-  first = pydicom.dcmread(series.files[0], stop_before_pixels=True, force=True)
-  folder = series.files[0].parent
-  try:
-    relative = str(folder.relative_to(patient_folder))
-  except ValueError:
-    relative = str(folder)
-  description = series.description.strip() or re.sub(r"^CT\s+", "", folder.name)
-  angle = None
-  try:
-    _, normal = _plane_geometry(series.files[0])
-    angle = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
-  except (AttributeError, ValueError, TypeError):
-    pass  # No usable orientation; the CT reader reports it if the series is chosen.
-  return SeriesInfo(
-      series_uid=series.series_uid,
-      folder=relative,
-      description=description,
-      kernel=_header_text(first, "ConvolutionKernel"),
-      image_type=tuple(str(v) for v in (first.get("ImageType") or ())),
-      contrast_agent=_header_text(first, "ContrastBolusAgent"),
-      study_uid=str(first.get("StudyInstanceUID", "")),
-      files=tuple(series.files),
-      normal_angle_deg=angle,
-      spacing_mm=None,
-  )
-
-
-def rejection_reason(info: SeriesInfo) -> str | None:
-  """Return why a series cannot be the study's scan (spacing aside), or None when it can."""
-  if any(normalize_description(value) == "LOCALIZER" for value in info.image_type):
-    return "localizer: ImageType contains LOCALIZER"
-  reason = (
-      contrast_reason(info.description, info.contrast_agent)
-      or reformat_reason(info.description, info.image_type, info.normal_angle_deg)
-      or bone_kernel_reason(info.description, info.kernel)
-  )
-  if reason:
-    return reason
-  if info.num_images < MIN_SERIES_IMAGES:
-    return f"too few images: {info.num_images}, at least {MIN_SERIES_IMAGES} needed"
-  return None
-
-
-@dataclasses.dataclass(frozen=True)
-class SeriesRanking:
-  """The eligible series, best first, and the rejected ones with their reasons."""
-
-  eligible: tuple[SeriesInfo, ...]
-  rejected: tuple[tuple[SeriesInfo, str], ...]
+# The rule lives in `uem_ich_jax.ct.series_choice`, because `uem-ich predict`
+# chooses the series of a study folder by the same code. The names imported
+# from there at the top are kept here for the builder and its tests.
 
 
 def rank_series(infos: Iterable[SeriesInfo]) -> SeriesRanking:
-  """Rank a study's series by the fixed rule.
+  """Rank a study's series by `series_choice.rank_series`, measuring with this module's name.
 
-  Rejected: localizers, contrast-enhanced series, reformats, bone kernels,
-  fewer than `MIN_SERIES_IMAGES` images, and unmeasurable slice spacing. The
-  rest are ranked by |spacing - 5 mm| (to 0.01 mm), then more images, then
-  folder and SeriesInstanceUID, so the rank never depends on file order.
+  Spacing is measured through `release.measure_spacing`, looked up at call
+  time, so a test that replaces that name here affects the ranking.
   """
-  eligible = []
-  rejected = []
-  for info in infos:
-    reason = rejection_reason(info)
-    if reason is None:
-      try:
-        info = dataclasses.replace(info, spacing_mm=measure_spacing(info.files))
-      except (AttributeError, ValueError, TypeError, OSError) as error:
-        reason = f"invalid geometry: {error}"
-    if reason is None:
-      eligible.append(info)
-    else:
-      rejected.append((info, reason))
-  eligible.sort(
-      key=lambda info: (
-          round(abs(info.spacing_mm - TARGET_SPACING_MM), 2),
-          -info.num_images,
-          info.folder,
-          info.series_uid,
-      )
-  )
-  return SeriesRanking(tuple(eligible), tuple(rejected))
+  return series_choice.rank_series(infos, measure=lambda files: measure_spacing(files))
