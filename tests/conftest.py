@@ -43,3 +43,63 @@ def fixtures_dir() -> pathlib.Path:
   if not FIXTURES.is_dir():
     pytest.skip(f"PyTorch parity fixtures not found at {FIXTURES}; they are not in the repository")
   return FIXTURES
+
+
+# ---------------------------------------------------- Trained smoke runs ---
+
+# Image size and dataset names of the tiny synthetic data the smoke runs train on.
+PREDICT_IMAGE_SIZE = 64
+PREDICT_SLICES_DATASET = "synthetic_ich/slices_predict_tiny"
+PREDICT_SCANS_DATASET = "synthetic_ich/scans_predict_tiny"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """Tiny synthetic slice and scan datasets (10 scans of 4 slices) in a TFDS data directory."""
+  from uem_ich_jax.datasets.synthetic_ich import SyntheticIch, SyntheticIchConfig
+
+  directory = tmp_path_factory.mktemp("tfds")
+  for layout in ("slices", "scans"):
+    config = SyntheticIchConfig(
+        name=f"{layout}_predict_tiny", layout=layout, num_scans=10, num_slices=4,
+        image_size=PREDICT_IMAGE_SIZE, num_folds=5,
+    )
+    builder = SyntheticIch(config=config, data_dir=str(directory), file_format="array_record")
+    builder.download_and_prepare()
+  return directory
+
+
+def _train_smoke(request, spec, workdir, overrides):
+  """Train the smoke variant of configs/`spec` for 2 steps in `workdir`."""
+  from uem_ich_jax.train import config_file, trainer
+
+  path = request.config.rootpath / "configs" / spec
+  two_steps = {"num_steps": 2, "eval_every": 2, "checkpoint_every": 2, "log_every": 1}
+  config = config_file.load(
+      f"{path}:smoke", [f"--config.{key}={value}" for key, value in (two_steps | overrides).items()]
+  )
+  trainer.train(config, workdir)
+  return workdir
+
+
+# Session scope: the two runs take about a minute to train on 2 CPU cores, and
+# every prediction test module shares them.
+@pytest.fixture(scope="session")
+def runs(request, data_dir, tmp_path_factory):
+  """A multitask run with detection (2 steps), and an aggregator run on its frozen encoder export."""
+  from uem_ich_jax.train import checkpoint
+
+  root = tmp_path_factory.mktemp("runs")
+  multitask_dir = _train_smoke(request, "multitask_synthetic.py", root / "multitask", {
+      "data.data_dir": str(data_dir),
+      "data.name": PREDICT_SLICES_DATASET,
+      "multitask.detection": True,
+      "init_from": "random",
+  })
+  aggregator_dir = _train_smoke(request, "aggregator_synthetic.py", root / "aggregator", {
+      "data.data_dir": str(data_dir),
+      "data.name": PREDICT_SCANS_DATASET,
+      "model.image_size": PREDICT_IMAGE_SIZE,
+      "init_from": str(multitask_dir / checkpoint.ENCODER_EXPORT_DIR),
+  })
+  return multitask_dir, aggregator_dir

@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import pathlib
 import re
+import types
 
 import ml_collections
 import nibabel
@@ -10,15 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dicom_factory
 import uem_ich_jax
 from uem_ich_jax import cli, clinical, ct, phantom
 from uem_ich_jax.ct import CTVolume
-from uem_ich_jax.infer import predict, scan_predict
-from uem_ich_jax.train import aggregate, checkpoint, config_file, stages, trainer
+from uem_ich_jax.infer import predict, scan_predict, segmentation_files
+from uem_ich_jax.train import aggregate, checkpoint, config_file, stages
 
-SIZE = 64
-SLICES_DATASET = "synthetic_ich/slices_predict_tiny"
-SCANS_DATASET = "synthetic_ich/scans_predict_tiny"
 
 
 def _volume(shape, spacing):
@@ -108,6 +108,200 @@ def test_thresholds_read_from_classification_section(tmp_path):
   assert set(thresholds.values()) == {0.5}
 
 
+# ------------------------------------------------------ Segmentation files ---
+
+
+def _blob_mask(volume, class_id):
+  """A mask with a 3 x 4 x 4 voxel block of `class_id` in the middle of `volume`."""
+  mask = np.zeros(volume.shape, np.uint8)
+  middle = [size // 2 for size in volume.shape]
+  mask[middle[0] - 1 : middle[0] + 2, middle[1] - 2 : middle[1] + 2, middle[2] - 2 : middle[2] + 2] = (
+      class_id
+  )
+  return mask
+
+
+def _centroid_lps(mask, volume):
+  """Mean LPS position (mm) of the mask's nonzero voxels, placed by each slice's own position."""
+  indices = np.argwhere(mask)
+  points = (
+      volume.positions[indices[:, 0]]
+      + indices[:, 1:2] * volume.affine[:3, 1]
+      + indices[:, 2:3] * volume.affine[:3, 2]
+  )
+  return points.mean(axis=0)
+
+
+def _with_varying_spacing(volume):
+  """Mark a volume with unevenly spaced slices as the DICOM reader does."""
+  provenance = dataclasses.replace(volume.provenance, spacing_varies=True)
+  return dataclasses.replace(volume, affine_is_approximate=True, provenance=provenance)
+
+
+def test_equalised_spacing_follows_dcm2niix():
+  # The smallest gap, 3 mm, covers the series in ceil((12 - 6 / 2) / 3) = 3 slices.
+  assert segmentation_files.equalised_spacing_mm([0.0, 3.0, 6.0, 12.0]) == pytest.approx(3.0)
+  # A 0.5 mm gap would take ceil((15.5 - 5 / 2) / 0.5) = 26 slices, more than
+  # twice the 4 source slices, so 8 slices span the 15.5 mm.
+  spacing = segmentation_files.equalised_spacing_mm([15.5, 0.0, 10.5, 10.0])
+  assert spacing == pytest.approx(15.5 / 7)
+  with pytest.raises(ValueError, match="at least 2 slices"):
+    segmentation_files.equalised_spacing_mm([4.0])
+
+
+def test_output_grid_as_read_without_tilt():
+  volume = dicom_factory.make_volume(num_slices=4, rows=10, columns=9)
+  grid = segmentation_files.output_grid(volume)
+  assert grid.kind == "as_read"
+  assert grid.volume is volume
+  section = grid.report()
+  assert section["shape"] == [4, 10, 9]
+  assert section["spacing_mm"] == pytest.approx([2.5, 0.5, 0.6])
+  np.testing.assert_allclose(section["affine_lps"], volume.affine, atol=1e-6)
+  assert section["tilt_removed_deg"] == 0.0
+  assert section["dcm2niix_output"] == ""
+  mask = _blob_mask(volume, 2)
+  np.testing.assert_array_equal(segmentation_files.mask_on_grid(mask, volume, grid), mask)
+
+
+def test_output_grid_removes_tilt():
+  volume = dicom_factory.make_volume(
+      num_slices=6, rows=12, columns=10, pixel_spacing=(1.0, 1.0), slice_spacing_mm=2.0,
+      tilt_deg=15.0,
+  )
+  grid = segmentation_files.output_grid(volume)
+  assert grid.kind == "resample_z"
+  assert grid.dcm2niix_output == "_Tilt_1"
+  assert grid.tilt_removed_deg == pytest.approx(15.0, abs=0.01)
+  assert "gantry tilt of 15.00 degrees" in grid.why
+  # The slice planes stay where they were, and rows grow to cover the shear.
+  assert grid.volume.num_slices == 6
+  assert grid.volume.spacing[0] == pytest.approx(2.0)
+  assert grid.volume.shape[1] > volume.shape[1]
+  np.testing.assert_allclose(grid.volume.affine, ct.correct_tilt(volume).affine, atol=1e-6)
+  assert abs(ct.resample.gantry_tilt_deg(grid.volume.affine)) < 1e-6
+
+  mask = _blob_mask(volume, 3)
+  moved = segmentation_files.mask_on_grid(mask, volume, grid)
+  assert set(np.unique(moved)) == {0, 3}
+  np.testing.assert_allclose(
+      _centroid_lps(moved, grid.volume), _centroid_lps(mask, volume), atol=0.6
+  )
+
+
+def test_output_grid_equalises_varying_spacing(tmp_path):
+  volume = _with_varying_spacing(
+      dicom_factory.make_volume(slice_offsets_mm=[0.0, 2.0, 4.0, 10.0], rows=8, columns=8)
+  )
+  grid = segmentation_files.output_grid(volume)
+  assert grid.kind == "resample_z"
+  assert grid.dcm2niix_output == "_Eq_1"
+  assert grid.tilt_removed_deg == 0.0
+  assert "varies from 2.000 to 6.000 mm" in grid.why
+  # dcm2niix's rule gives the smallest gap, 2 mm, from the first to the last slice plane.
+  assert grid.volume.shape == (6, 8, 8)
+  np.testing.assert_allclose(
+      grid.volume.slice_positions_mm - volume.slice_positions_mm[0], np.arange(6) * 2.0, atol=1e-6
+  )
+
+  mask = _blob_mask(volume, 1)
+  path = tmp_path / "segmentation.nii.gz"
+  segmentation_files.write_nifti(path, mask, volume, grid)
+  written = ct.read_nifti(path)
+  np.testing.assert_allclose(written.affine, grid.volume.affine, atol=1e-4)
+  assert not written.affine_is_approximate
+  stored = np.asarray(nibabel.load(path).dataobj).transpose(2, 1, 0)
+  np.testing.assert_array_equal(stored, segmentation_files.mask_on_grid(mask, volume, grid))
+  # Source slices 1-3 (at 2, 4 and 10 mm) contain the block. Nearest
+  # neighbour copies it to every grid slice from 2 to 10 mm.
+  assert [bool(stored[k].any()) for k in range(6)] == [False, True, True, True, True, True]
+
+
+@pytest.fixture
+def tilted_series(tmp_path):
+  """A tilted 4-slice series written as DICOM and read back."""
+  volume = dicom_factory.make_volume(num_slices=4, rows=16, columns=12, tilt_deg=12.0, seed=1)
+  dicom_factory.write_series(tmp_path / "series", volume)
+  return ct.read_dicom_series(tmp_path / "series")
+
+
+def _read_seg(path, volume):
+  import highdicom
+
+  seg = highdicom.seg.segread(path)
+  frames = seg.get_pixels_by_source_instance(
+      source_sop_instance_uids=list(volume.provenance.sop_instance_uids), combine_segments=True
+  )
+  return seg, frames
+
+
+def test_dicom_seg_subtypes_on_source_frames(tilted_series, tmp_path):
+  volume = tilted_series
+  mask = _blob_mask(volume, 2)
+  mask[0, :3, :3] = 5
+  section = segmentation_files.write_dicom_seg(tmp_path / "segmentation.dcm", mask, volume, 6, "uem")
+  assert section["segments"] == {str(k + 1): name for k, name in enumerate(uem_ich_jax.SUBTYPES)}
+  assert section["referenced_series_uid"] == volume.provenance.series_uid
+
+  seg, frames = _read_seg(tmp_path / "segmentation.dcm", volume)
+  np.testing.assert_array_equal(frames, mask)
+  assert seg.StudyInstanceUID == volume.provenance.study_uid
+  assert seg.SeriesInstanceUID == section["series_instance_uid"]
+  assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.provenance.series_uid
+  referenced = {
+      item.ReferencedSOPInstanceUID
+      for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+  }
+  assert referenced == set(volume.provenance.sop_instance_uids)
+  labels = [item.SegmentLabel for item in seg.SegmentSequence]
+  assert labels == list(uem_ich_jax.SUBTYPES)
+
+
+def test_dicom_seg_binary_and_empty(tilted_series, tmp_path):
+  volume = tilted_series
+  mask = np.zeros(volume.shape, np.uint8)
+  section = segmentation_files.write_dicom_seg(tmp_path / "segmentation.dcm", mask, volume, 1, "uem")
+  assert section["segments"] == {"1": "blood"}
+  # An empty mask keeps every frame, all of them empty.
+  assert section["frames"] == volume.num_slices
+  seg, frames = _read_seg(tmp_path / "segmentation.dcm", volume)
+  assert not frames.any()
+  segment = seg.SegmentSequence[0]
+  assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "1386000"
+  assert segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
+
+
+def test_dicom_seg_failure_becomes_warning(tilted_series, tmp_path):
+  volume = tilted_series
+  # The series changes after it was read: its first slice gets a new SOP instance UID.
+  dicom_factory.edit_file(
+      pathlib.Path(volume.provenance.source_files[0]),
+      lambda dataset: setattr(dataset, "SOPInstanceUID", "1.2.3.4"),
+  )
+  report = {
+      "warnings": [],
+      "model": {"segmentation_classes": 6, "name": "uem"},
+      "segmentation": {"dicom_seg": None},
+      "outputs": {"dicom_seg": None},
+  }
+  prediction = types.SimpleNamespace(volume=volume)
+  scan_predict._write_dicom_seg(tmp_path, report, prediction, np.zeros(volume.shape, np.uint8))
+  assert report["outputs"]["dicom_seg"] is None
+  assert len(report["warnings"]) == 1
+  assert "segmentation.dcm not written" in report["warnings"][0]
+  assert "1.2.3.4" in report["warnings"][0]
+  assert not (tmp_path / "segmentation.dcm").exists()
+
+
+def test_dicom_seg_needs_dicom_source(tmp_path):
+  volume = dicom_factory.make_volume()
+  assert not segmentation_files.has_dicom_source(volume)
+  with pytest.raises(segmentation_files.DicomSegError, match="not a DICOM series"):
+    segmentation_files.write_dicom_seg(
+        tmp_path / "segmentation.dcm", np.zeros(volume.shape, np.uint8), volume, 1, "uem"
+    )
+
+
 # ----------------------------------------------------------- Bad input ---
 
 
@@ -175,48 +369,7 @@ def test_cli_names_the_bad_aggregator(config_only_runs, tmp_path, capsys):
 # ------------------------------------------------------------ Trained runs ---
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  from uem_ich_jax.datasets.synthetic_ich import SyntheticIch, SyntheticIchConfig
-
-  directory = tmp_path_factory.mktemp("tfds")
-  for layout in ("slices", "scans"):
-    config = SyntheticIchConfig(
-        name=f"{layout}_predict_tiny", layout=layout, num_scans=10, num_slices=4,
-        image_size=SIZE, num_folds=5,
-    )
-    builder = SyntheticIch(config=config, data_dir=str(directory), file_format="array_record")
-    builder.download_and_prepare()
-  return directory
-
-
-def _train(request, spec, workdir, overrides):
-  path = request.config.rootpath / "configs" / spec
-  two_steps = {"num_steps": 2, "eval_every": 2, "checkpoint_every": 2, "log_every": 1}
-  config = config_file.load(
-      f"{path}:smoke", [f"--config.{key}={value}" for key, value in (two_steps | overrides).items()]
-  )
-  trainer.train(config, workdir)
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def runs(request, data_dir, tmp_path_factory):
-  """A multitask run with detection (2 steps), and an aggregator run on its frozen encoder export."""
-  root = tmp_path_factory.mktemp("runs")
-  multitask_dir = _train(request, "multitask_synthetic.py", root / "multitask", {
-      "data.data_dir": str(data_dir),
-      "data.name": SLICES_DATASET,
-      "multitask.detection": True,
-      "init_from": "random",
-  })
-  aggregator_dir = _train(request, "aggregator_synthetic.py", root / "aggregator", {
-      "data.data_dir": str(data_dir),
-      "data.name": SCANS_DATASET,
-      "model.image_size": SIZE,
-      "init_from": str(multitask_dir / checkpoint.ENCODER_EXPORT_DIR),
-  })
-  return multitask_dir, aggregator_dir
+# `data_dir` and `runs` (the trained smoke runs) are session fixtures in conftest.py.
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +388,7 @@ def _strict_json(path):
 
 def _check_outputs(report, output, volume):
   """Check the report's keys, the files, and the volumes against the written mask."""
-  assert report["schema_version"] == "2.0"
+  assert report["schema_version"] == "2.1"
   assert set(report) >= {
       "input", "shape", "spacing_mm", "model", "labels", "scan", "top_slice", "slices",
       "segmentation", "detection", "aggregator", "warnings", "timings_s", "outputs",
@@ -247,9 +400,13 @@ def _check_outputs(report, output, volume):
       report["timings_s"][name] for name in scan_predict.STAGES
   ) - 1e-6
   assert _strict_json(output / "report.json") == report
-  assert sorted(path.name for path in output.iterdir()) == [
-      "overview.png", "report.json", "segmentation.nii.gz"
-  ]
+  expected_files = ["overview.png", "report.html", "report.json", "segmentation.nii.gz"]
+  if report["outputs"]["dicom_seg"] is not None:
+    expected_files.append("segmentation.dcm")
+  assert sorted(path.name for path in output.iterdir()) == sorted(expected_files)
+  # The test scans have uniform spacing and no tilt.
+  assert report["segmentation"]["grid"]["kind"] == "as_read"
+  assert report["segmentation"]["grid"]["shape"] == list(volume.shape)
   with Image.open(output / "overview.png") as image:
     assert image.format == "PNG"
 
@@ -289,9 +446,13 @@ def test_predict_dicom_series_with_aggregator(runs, phantom_series, tmp_path):
   output = tmp_path / "out"
   report = predict.predict(multitask_dir, phantom_series, output, aggregator_dir=aggregator_dir)
   _check_outputs(report, output, predict.read_scan(phantom_series))
+  assert report["outputs"]["html"] == "report.html"
+  assert (output / "report.html").read_text().startswith("<!DOCTYPE html>")
   assert report["model"]["stage"] == "multitask"
   assert report["model"]["detection"] is True
   assert report["warnings"] == []
+  assert report["outputs"]["dicom_seg"] == "segmentation.dcm"
+  assert report["segmentation"]["dicom_seg"]["referenced_series_uid"] == report["series_uid"]
   aggregator = report["aggregator"]
   assert aggregator["encoder_reused"] is True
   assert aggregator["slices_used"] == list(range(6))
@@ -401,6 +562,8 @@ def test_predict_nifti_subsamples_for_aggregator(runs, tmp_path):
   assert report["aggregator"]["slices_used"] == scan_predict.aggregator_slices(11, 8).tolist()
   assert any("max_slices 8" in warning for warning in report["warnings"])
   assert all(entry["sop_instance_uid"] is None for entry in report["slices"])
+  assert report["outputs"]["dicom_seg"] is None
+  assert report["segmentation"]["dicom_seg"] is None
 
 
 @pytest.mark.slow

@@ -102,9 +102,33 @@ def _export_encoder(args: argparse.Namespace) -> int:
   return 0
 
 
+def _export_serving(args: argparse.Namespace) -> int:
+  from uem_ich_jax.infer import export
+
+  manifest = export.export_run(
+      args.run_dir,
+      args.out_dir,
+      step=args.step,
+      aggregator_dir=args.aggregator,
+      aggregator_step=args.aggregator_step,
+      platforms=args.platforms,
+  )
+  files = [manifest["slice_model"]["file"]]
+  if manifest["aggregator"] is not None:
+    files.append(manifest["aggregator"]["file"])
+  print(
+      f"exported step {manifest['source']['step']} of {args.run_dir} for"
+      f" {','.join(manifest['platforms'])}: wrote {', '.join(files)} and manifest.json to"
+      f" {args.out_dir}"
+  )
+  return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
   from uem_ich_jax.infer import predict
 
+  if args.batch or args.input.lower().endswith(".csv"):
+    return _predict_batch(args)
   report = predict.predict(
       args.checkpoint,
       args.input,
@@ -115,6 +139,12 @@ def _predict(args: argparse.Namespace) -> int:
       aggregator_dir=args.aggregator,
       aggregator_step=args.aggregator_step,
   )
+  choice = report.get("series_choice")
+  if choice is not None and choice["series_candidates"]:
+    print(
+        f"series: {choice['chosen']['series_uid']} ({choice['chosen_by']}); the other"
+        f" {len(choice['series_candidates'])} are listed in report.json under series_choice"
+    )
   scan = report["scan"]["any"]
   verdict = "positive" if scan["positive"] else "negative"
   print(
@@ -132,6 +162,34 @@ def _predict(args: argparse.Namespace) -> int:
   files = report.get("outputs", {"report": "report.json", "overview": "overview.png"})
   print(f"wrote {', '.join(files.values())} to {args.output}")
   return 0
+
+
+def _predict_batch(args: argparse.Namespace) -> int:
+  from uem_ich_jax.infer import batch
+
+  if args.series is not None:
+    raise InputError(
+        "--series-uid applies to one scan; in a batch, give each study's series in the CSV"
+        " column `series_uid`"
+    )
+  if args.batch:
+    studies = batch.discover_studies(args.input)
+  else:
+    studies = batch.studies_from_csv(args.input)
+  result = batch.run_batch(
+      args.checkpoint,
+      studies,
+      args.output,
+      step=args.step,
+      batch_size=args.batch_size,
+      aggregator_dir=args.aggregator,
+      aggregator_step=args.aggregator_step,
+  )
+  print(
+      f"{len(result.rows)} studies: {len(result.rows) - result.failed} ok ({result.skipped}"
+      f" finished before), {result.failed} failed; summary in {result.summary_path}"
+  )
+  return 1 if result.failed else 0
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -245,12 +303,51 @@ def _parser() -> argparse.ArgumentParser:
   )
   export.set_defaults(run=_export_encoder)
 
+  export_serving = commands.add_parser(
+      "export",
+      help="export a multitask run (and an aggregator run) as jax.export programs with a"
+      " manifest, for serving without the training code (uem_ich_jax.infer.serve)",
+  )
+  export_serving.add_argument("run_dir", help="work directory of a multitask run")
+  export_serving.add_argument(
+      "out_dir", help="folder for manifest.json and the .stablehlo programs (files replaced)"
+  )
+  export_serving.add_argument(
+      "--step", type=int, default=None, help="checkpoint step; the best checkpoint when omitted"
+  )
+  export_serving.add_argument(
+      "--aggregator", default=None, help="work directory of an aggregator run, for scan labels"
+  )
+  export_serving.add_argument(
+      "--aggregator-step",
+      type=int,
+      default=None,
+      help="checkpoint step of the aggregator run; its best checkpoint when omitted",
+  )
+  export_serving.add_argument(
+      "--platforms",
+      default="cpu",
+      help="comma-separated platforms to lower for: cpu, cuda, rocm, tpu (default cpu)",
+  )
+  export_serving.set_defaults(run=_export_serving)
+
   predict = commands.add_parser(
       "predict",
       help="run a trained classification or multitask run on every slice of a scan; writes"
-      " report.json and overview.png, and with a multitask run segmentation.nii.gz",
+      " report.json and overview.png, and with a multitask run segmentation.nii.gz,"
+      " report.html and, for DICOM input, segmentation.dcm (DICOM SEG)",
   )
-  predict.add_argument("input", help="DICOM folder or file, or NIfTI file")
+  predict.add_argument(
+      "input",
+      help="DICOM folder or file, or NIfTI file; a .csv file of studies (columns input, id,"
+      " series_uid) for a batch; with --batch, a folder tree of studies",
+  )
+  predict.add_argument(
+      "--batch",
+      action="store_true",
+      help="treat INPUT as a folder tree: each NIfTI file, and each folder without subfolders"
+      " that contains DICOM files, is one study",
+  )
   predict.add_argument(
       "--checkpoint",
       required=True,
@@ -259,13 +356,20 @@ def _parser() -> argparse.ArgumentParser:
   predict.add_argument(
       "--output",
       required=True,
-      help="folder for report.json, overview.png and, with a multitask run, segmentation.nii.gz",
+      help="folder for report.json, overview.png and, with a multitask run, segmentation.nii.gz,"
+      " report.html and segmentation.dcm; in a batch, one such folder per study and summary.csv",
   )
   predict.add_argument(
       "--step", type=int, default=None, help="checkpoint step; the best checkpoint when omitted"
   )
   predict.add_argument(
-      "--series", default=None, help="SeriesInstanceUID to read when the folder contains several"
+      "--series-uid",
+      "--series",
+      dest="series",
+      metavar="UID",
+      default=None,
+      help="SeriesInstanceUID to read; by default a folder with several series is read by the"
+      " CQ500 rule (the non-contrast axial soft-tissue series nearest 5 mm)",
   )
   predict.add_argument(
       "--aggregator",

@@ -34,6 +34,7 @@ from flax import nnx
 import uem_ich_jax
 from uem_ich_jax import ct
 from uem_ich_jax.ct import inspect as ct_inspect
+from uem_ich_jax.ct.series_choice import read_study as read_dicom_study
 from uem_ich_jax.ct.volume import AIR_HU
 from uem_ich_jax.errors import InputError
 
@@ -86,15 +87,32 @@ def input_geometry(config: ml_collections.ConfigDict) -> InputGeometry:
   return InputGeometry(size, column_mm * size)
 
 
-def read_scan(path: str | os.PathLike, *, series_uid: str | None = None) -> ct.CTVolume:
-  """Read a NIfTI file or a DICOM folder or file; several series need `series_uid`."""
+def read_study(
+    path: str | os.PathLike, *, series_uid: str | None = None
+) -> tuple[ct.CTVolume, dict[str, Any] | None]:
+  """Read a NIfTI file, or a DICOM folder or file, choosing one series of a study folder.
+
+  Returns the volume and the report's `series_choice` section: None for a
+  NIfTI file, else which series was read and why each other one was not.
+  A folder with several series is read by the CQ500 rule
+  (`ct.series_choice.RULE`) unless `series_uid` names one.
+  """
   path = pathlib.Path(path)
   if not path.exists():
     raise PredictError(f"{path} does not exist")
   if path.is_file() and ct_inspect.is_nifti(path):
-    return ct.read_nifti(path)
-  # Several series without `series_uid` raise a CTReadError that lists them.
-  return ct.read_dicom_series(path, series_uid=series_uid)
+    if series_uid is not None:
+      raise PredictError(
+          f"{path}: a series UID ({series_uid}) applies to DICOM folders, not to NIfTI files"
+      )
+    return ct.read_nifti(path), None
+  volume, choice = read_dicom_study(path, series_uid=series_uid)
+  return volume, choice.to_json()
+
+
+def read_scan(path: str | os.PathLike, *, series_uid: str | None = None) -> ct.CTVolume:
+  """Read a NIfTI file or a DICOM folder or file, like `read_study`, and return the volume."""
+  return read_study(path, series_uid=series_uid)[0]
 
 
 def _square_start(current: int, size: int) -> int:
@@ -111,7 +129,8 @@ def _crop_or_pad(hu: np.ndarray, axis: int, size: int) -> tuple[np.ndarray, int]
   """
   current = hu.shape[axis]
   start = _square_start(current, size)
-  if start >= 0:
+  # Decided by the sizes, not by the sign of `start`: padding one pixel has start 0.
+  if current >= size:
     return np.take(hu, np.arange(start, start + size), axis=axis), start
   widths = [(0, 0)] * hu.ndim
   widths[axis] = (-start, size - current + start)
@@ -250,8 +269,12 @@ def build_report(
     thresholds: dict[str, float],
     threshold_source: str,
     geometry: InputGeometry,
+    series_choice: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """Assemble the JSON report of one scan; every number is finite or None (no NaN in JSON)."""
+  """Assemble the JSON report of one scan; every number is finite or None (no NaN in JSON).
+
+  `series_choice` is the section from `read_study` (None for NIfTI).
+  """
   provenance = volume.provenance
   positions = volume.slice_positions_mm
   uids = provenance.sop_instance_uids
@@ -279,6 +302,7 @@ def build_report(
       "input": input_path,
       "series_uid": provenance.series_uid or None,
       "series_description": provenance.series_description or None,
+      "series_choice": series_choice,
       "shape": list(volume.shape),
       "spacing_mm": [float(value) for value in volume.spacing],
       "gantry_tilt_deg": finite_or_none(tilt),
@@ -307,43 +331,26 @@ def build_report(
   }
 
 
-def predict(
-    checkpoint_dir: str | os.PathLike,
-    input_path: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    step: int | None = None,
-    series_uid: str | None = None,
-    batch_size: int | None = None,
-    aggregator_dir: str | os.PathLike | None = None,
-    aggregator_step: int | None = None,
-) -> dict[str, Any]:
-  """Run the model of `checkpoint_dir` on every slice of `input_path` and write the outputs.
+@dataclasses.dataclass(frozen=True)
+class ClassifierRun:
+  """A restored classification run, reused for every scan of a batch."""
 
-  A classification run writes `output_dir/report.json` and
-  `output_dir/overview.png` here. A multitask run, optionally with an
-  aggregator run (`aggregator_dir`), goes through `scan_predict.predict_scan`,
-  which also writes the segmentation. Returns the report.
-  """
-  from uem_ich_jax.infer import overview
+  workdir: pathlib.Path
+  model: nnx.Module
+  config: ml_collections.ConfigDict
+  step: int
+  geometry: InputGeometry
+
+
+def _check_stages(
+    checkpoint_dir: pathlib.Path, aggregator_dir: str | os.PathLike | None
+) -> str:
+  """Return the stage of `checkpoint_dir`, "classification" or "multitask", or raise PredictError."""
   from uem_ich_jax.train import checkpoint
 
-  checkpoint_dir = pathlib.Path(checkpoint_dir)
-  output_dir = pathlib.Path(output_dir)
   stage = checkpoint.load_config(checkpoint_dir).stage
   if stage == "multitask":
-    from uem_ich_jax.infer import scan_predict
-
-    return scan_predict.predict_scan(
-        checkpoint_dir,
-        input_path,
-        output_dir,
-        step=step,
-        series_uid=series_uid,
-        batch_size=batch_size or scan_predict.DEFAULT_BATCH_SIZE,
-        aggregator_dir=aggregator_dir,
-        aggregator_step=aggregator_step,
-    )
+    return stage
   if stage == "aggregator":
     raise PredictError(
         f"{checkpoint_dir} is an 'aggregator' run; pass it with --aggregator and give the"
@@ -359,11 +366,82 @@ def predict(
         f"--aggregator {aggregator_dir} needs a multitask run as --checkpoint, but"
         f" {checkpoint_dir} is a classification run"
     )
-  batch_size = batch_size or 32
-  volume = read_scan(input_path, series_uid=series_uid)
+  return stage
+
+
+def restore_runs(
+    checkpoint_dir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    aggregator_dir: str | os.PathLike | None = None,
+    aggregator_step: int | None = None,
+) -> Any:
+  """Restore the runs that `predict` uses, once, to pass to it as `runs` for many scans.
+
+  Returns a `ClassifierRun`, or for a multitask run the object of
+  `scan_predict.restore_runs`.
+  """
+  from uem_ich_jax.train import checkpoint
+
+  checkpoint_dir = pathlib.Path(checkpoint_dir)
+  if _check_stages(checkpoint_dir, aggregator_dir) == "multitask":
+    from uem_ich_jax.infer import scan_predict
+
+    return scan_predict.restore_runs(
+        checkpoint_dir, step=step, aggregator_dir=aggregator_dir, aggregator_step=aggregator_step
+    )
   step = resolve_step(checkpoint_dir, step)
   model, config = checkpoint.restore_model(checkpoint_dir, step)
-  geometry = input_geometry(config)
+  return ClassifierRun(checkpoint_dir, model, config, step, input_geometry(config))
+
+
+def predict(
+    checkpoint_dir: str | os.PathLike,
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    series_uid: str | None = None,
+    batch_size: int | None = None,
+    aggregator_dir: str | os.PathLike | None = None,
+    aggregator_step: int | None = None,
+    runs: Any = None,
+) -> dict[str, Any]:
+  """Run the model of `checkpoint_dir` on every slice of `input_path` and write the outputs.
+
+  A classification run writes `output_dir/report.json` and
+  `output_dir/overview.png` here. A multitask run, optionally with an
+  aggregator run (`aggregator_dir`), goes through `scan_predict.predict_scan`,
+  which also writes the segmentation. `runs`, from `restore_runs` with the
+  same run arguments, skips restoring the runs again. Returns the report.
+  """
+  from uem_ich_jax.infer import overview
+
+  checkpoint_dir = pathlib.Path(checkpoint_dir)
+  output_dir = pathlib.Path(output_dir)
+  if runs is None:
+    stage = _check_stages(checkpoint_dir, aggregator_dir)
+  else:
+    stage = "classification" if isinstance(runs, ClassifierRun) else "multitask"
+  if stage == "multitask":
+    from uem_ich_jax.infer import scan_predict
+
+    return scan_predict.predict_scan(
+        checkpoint_dir,
+        input_path,
+        output_dir,
+        step=step,
+        series_uid=series_uid,
+        batch_size=batch_size or scan_predict.DEFAULT_BATCH_SIZE,
+        aggregator_dir=aggregator_dir,
+        aggregator_step=aggregator_step,
+        runs=runs,
+    )
+  batch_size = batch_size or 32
+  volume, choice = read_study(input_path, series_uid=series_uid)
+  if runs is None:
+    runs = restore_runs(checkpoint_dir, step=step)
+  model, config, step, geometry = runs.model, runs.config, runs.step, runs.geometry
   images, square = model_input(volume, geometry)
   probs = probabilities(model, images, batch_size=batch_size)
   thresholds, source = validation_thresholds(checkpoint_dir, step, config)
@@ -391,6 +469,7 @@ def predict(
       thresholds=thresholds,
       threshold_source=source,
       geometry=geometry,
+      series_choice=choice,
   )
   try:
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,10 @@ Stages, each timed with `time.perf_counter` and logged:
   aggregator   scan label probabilities from the aggregator run (see below)
   postprocess  the mask mapped back onto the scan's grid as read, blood volumes
                per subtype (`clinical.hematoma_ml`) and the bleed side
-               (`clinical.bleed_side`), boxes in source pixels
-  write        segmentation.nii.gz and overview.png
+               (`clinical.bleed_side`), boxes in source pixels, and the grid
+               of segmentation.nii.gz (`segmentation_files.output_grid`)
+  write        segmentation.nii.gz, segmentation.dcm (DICOM input only),
+               overview.png and report.html (`report_html`)
 
 The aggregator reuses the multitask encoder when both runs' encoder arrays are
 equal (as when the aggregator trained on the multitask run's frozen encoder
@@ -34,12 +36,24 @@ pixels outside the square field of view get class 0. Volumes are therefore
 measured in the scan's real geometry, slice by slice (uneven spacing and
 gantry tilt included, see `uem_ich_jax.clinical`).
 
-report.json, schema 2.0. Every number is finite or null.
+Files: segmentation.nii.gz contains uint8 class ids on the grid of the series as
+read when its spacing is uniform and it has no gantry tilt, and otherwise on
+the tilt-free, evenly spaced grid of `ct.resample_z` that dcm2niix's
+corrected conversion uses (`segmentation_files` says which spacing and how it
+matches dcm2niix). segmentation.dcm, for DICOM input, is a DICOM SEG on the
+source frames as read. Volumes and voxel counts are always measured on the
+grid as read.
 
-  schema_version      "2.0"
+report.json, schema 2.1. Every number is finite or null. Schema 2.1 adds
+`segmentation.grid`, `segmentation.dicom_seg` and `outputs.dicom_seg` to 2.0.
+
+  schema_version      "2.1"
   input               the input path as given
   series_uid          DICOM SeriesInstanceUID, or null (NIfTI)
   series_description  DICOM SeriesDescription, or null
+  series_choice       null for NIfTI, else {chosen_by, rule, chosen, series_candidates}:
+                      the series read from the folder and why each other one was
+                      not (`predict.read_study`)
   shape               [slices, rows, columns] of the scan as read
   spacing_mm          [slice, row, column] spacing, mm
   gantry_tilt_deg     measured gantry tilt, degrees
@@ -61,10 +75,25 @@ report.json, schema 2.0. Every number is finite or null.
                       without the detection head, else a list of {class,
                       class_id, score, box_model_px, box_source_px}
   segmentation        {file, classes (id -> name), head, field_of_view_covers_scan,
-                      voxels, volume_ml, bleed_side}. `volume_ml` maps "any" and,
-                      for a 6-class head, every subtype to mL. `bleed_side` is
-                      {side, left_ml, right_ml, midline_normal_lps} or null when
-                      the midline cannot be estimated
+                      voxels, volume_ml, bleed_side, grid, dicom_seg}. `voxels`
+                      and `volume_ml` are measured on the grid as read.
+                      `volume_ml` maps "any" and, for a 6-class head, every
+                      subtype to mL. `bleed_side` is {side, left_ml, right_ml,
+                      midline_normal_lps} or null when the midline cannot be
+                      estimated
+    grid              the grid of segmentation.nii.gz: {kind ("as_read" or
+                      "resample_z"), spacing_mm [slice, row, column], shape
+                      [slices, rows, columns], affine_lps (4x4, voxel (slice,
+                      row, column) to LPS mm; the file stores the same map as
+                      NIfTI (column, row, slice) to RAS), tilt_removed_deg,
+                      dcm2niix_output (the suffix of dcm2niix's conversion on
+                      the same grid: "" for its plain output, "_Tilt_1",
+                      "_Eq_1" or "_Tilt_Eq_1"), why}
+    dicom_seg         null without segmentation.dcm (NIfTI input, or a warning
+                      says why it failed), else {file, sop_instance_uid,
+                      series_instance_uid, referenced_series_uid,
+                      segmentation_type ("BINARY"), frames, segments (segment
+                      number -> label; the number is the class id)}
   detection           null without the detection head, else {score_threshold,
                       max_detections, box_format, count}
   aggregator          null without an aggregator run, else {workdir, step,
@@ -72,12 +101,15 @@ report.json, schema 2.0. Every number is finite or null.
                       encoder_reused, encoder_note, slices_used, thresholds_from,
                       scan (label -> {probability, threshold, positive})}
   warnings            what the prediction noticed (cropped field of view,
-                      subsampled slices, approximate affine), as text
+                      subsampled slices, why segmentation.dcm was not
+                      written), as text
   timings_s           seconds of restore, read, preprocess, slice_model,
                       aggregator (0 without one), postprocess, write, and total
                       (all stages; report.json itself is written after the
                       timings are taken)
-  outputs             {report, segmentation, overview}: file names in the output folder
+  outputs             {report, segmentation, overview, html, dicom_seg}: file names in the
+                      output folder; `dicom_seg` is null when segmentation.dcm
+                      was not written
 """
 
 from __future__ import annotations
@@ -103,13 +135,16 @@ from uem_ich_jax import clinical
 from uem_ich_jax import ct
 from uem_ich_jax.errors import InputError
 from uem_ich_jax.infer import predict
+from uem_ich_jax.infer import report_html
+from uem_ich_jax.infer import segmentation_files
 from uem_ich_jax.infer.predict import PredictError
 from uem_ich_jax.infer.predict import finite_or_none
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "2.0"
-SEGMENTATION_FILE = "segmentation.nii.gz"
+SCHEMA_VERSION = "2.1"
+SEGMENTATION_FILE = segmentation_files.NIFTI_FILE
+DICOM_SEG_FILE = segmentation_files.DICOM_SEG_FILE
 # Slices per call of the slice model. Every call has this many, so a scan of
 # any length reuses one compiled program.
 DEFAULT_BATCH_SIZE = 8
@@ -483,6 +518,25 @@ def _restore(
   return runs
 
 
+def restore_runs(
+    checkpoint_dir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    aggregator_dir: str | os.PathLike | None = None,
+    aggregator_step: int | None = None,
+) -> _Runs:
+  """Restore the multitask run (and the aggregator run) once, for `predict_scan(runs=...)`."""
+  checkpoint_dir = pathlib.Path(checkpoint_dir)
+  if aggregator_dir is not None:
+    aggregator_dir = pathlib.Path(aggregator_dir)
+    check_aggregator_run(aggregator_dir)
+  runs = _restore(checkpoint_dir, step, aggregator_dir, aggregator_step)
+  if runs.scan_model is not None:
+    runs.scan_geometry = aggregator_geometry(runs.scan_config)
+    runs.reuse_blocker = _reuse_blocker(runs, predict.input_geometry(runs.slice_config))
+  return runs
+
+
 def _reuse_blocker(runs: _Runs, slice_geometry: predict.InputGeometry) -> str | None:
   """Return why the aggregator cannot reuse the multitask encoder's maps, or None when it can."""
   scan_geometry = runs.scan_geometry
@@ -673,6 +727,8 @@ class _Prediction:
   outputs: dict[str, np.ndarray]
   aggregator: dict[str, Any] | None
   warnings: list[str]
+  # The grid segmentation.nii.gz is written on; chosen in the postprocess stage.
+  nifti_grid: segmentation_files.OutputGrid | None = None
 
 
 def _assemble_report(
@@ -705,11 +761,6 @@ def _assemble_report(
     entry["blood_ml"] = None if slice_ml is None else finite_or_none(slice_ml[index])
     if detection:
       entry["boxes"] = _boxes(outputs, index, prediction.grid)
-  if volume.affine_is_approximate:
-    warnings.append(
-        f"the slice spacing varies, so {SEGMENTATION_FILE} places slices only approximately"
-        " (NIfTI has one affine); the volumes use each slice's own position"
-    )
 
   report = {"schema_version": SCHEMA_VERSION, **report}
   report["segmentation"] = {
@@ -720,6 +771,9 @@ def _assemble_report(
       "voxels": int(voxels.sum()),
       "volume_ml": volume_ml,
       "bleed_side": side,
+      "grid": prediction.nifti_grid.report(),
+      # Filled in when segmentation.dcm is written.
+      "dicom_seg": None,
   }
   report["detection"] = None
   if detection:
@@ -735,8 +789,39 @@ def _assemble_report(
       "report": predict.REPORT_FILE,
       "segmentation": SEGMENTATION_FILE,
       "overview": predict.OVERVIEW_FILE,
+      "html": report_html.HTML_FILE,
+      "dicom_seg": None,
   }
   return report, thresholds
+
+
+def _write_dicom_seg(
+    output_dir: pathlib.Path,
+    report: dict[str, Any],
+    prediction: _Prediction,
+    source_mask: np.ndarray,
+) -> None:
+  """Write segmentation.dcm for a DICOM input and record it in `report`.
+
+  A failure caused by the source data becomes a report warning, so the other
+  outputs are still written.
+  """
+  if not segmentation_files.has_dicom_source(prediction.volume):
+    return
+  try:
+    section = segmentation_files.write_dicom_seg(
+        output_dir / DICOM_SEG_FILE,
+        source_mask,
+        prediction.volume,
+        report["model"]["segmentation_classes"],
+        report["model"]["name"],
+    )
+  except segmentation_files.DicomSegError as error:
+    logger.warning("%s not written: %s", DICOM_SEG_FILE, error)
+    report["warnings"].append(f"{DICOM_SEG_FILE} not written: {error}")
+    return
+  report["segmentation"]["dicom_seg"] = section
+  report["outputs"]["dicom_seg"] = DICOM_SEG_FILE
 
 
 def _write_outputs(
@@ -747,14 +832,20 @@ def _write_outputs(
     square: ct.CTVolume,
     thresholds: dict[str, float],
 ) -> None:
-  """Write segmentation.nii.gz and overview.png (report.json is written last, by the caller)."""
+  """Write segmentation.nii.gz, segmentation.dcm, overview.png and report.html.
+
+  report.json is written last, by the caller.
+  """
   from uem_ich_jax.infer import overview
 
   try:
     output_dir.mkdir(parents=True, exist_ok=True)
-    ct.write_nifti(prediction.volume, output_dir / SEGMENTATION_FILE, mask=source_mask)
+    segmentation_files.write_nifti(
+        output_dir / SEGMENTATION_FILE, source_mask, prediction.volume, prediction.nifti_grid
+    )
   except (OSError, ValueError) as error:
     raise PredictError(f"failed to write the segmentation to {output_dir}: {error}") from error
+  _write_dicom_seg(output_dir, report, prediction, source_mask)
   title = predict.overview_title(report)
   blood = report["segmentation"]["volume_ml"]["any"]
   if blood is not None:
@@ -766,6 +857,9 @@ def _write_outputs(
       output_dir / predict.OVERVIEW_FILE,
       title=title,
       mask=mask_to_square(prediction.outputs["mask"], prediction.grid),
+  )
+  report_html.write_report_html(
+      output_dir / report_html.HTML_FILE, report, square.hu, prediction.outputs["mask"]
   )
 
 
@@ -779,12 +873,15 @@ def predict_scan(
     batch_size: int = DEFAULT_BATCH_SIZE,
     aggregator_dir: str | os.PathLike | None = None,
     aggregator_step: int | None = None,
+    runs: _Runs | None = None,
 ) -> dict[str, Any]:
   """Predict one scan with a multitask run and, optionally, an aggregator run.
 
   Writes report.json (schema in this module's docstring), segmentation.nii.gz
-  (uint8 class ids on the scan's grid, with its affine) and overview.png into
-  `output_dir`, and returns the report.
+  (uint8 class ids on the grid in `segmentation.grid`), for DICOM input
+  segmentation.dcm (a DICOM SEG of the source frames), and overview.png into
+  `output_dir`, and returns the report. `runs`, from `restore_runs` with the
+  same run arguments, skips the restore (a batch restores once).
 
   Raises:
     PredictError: a missing input, a run of the wrong stage, or an output that
@@ -800,15 +897,21 @@ def predict_scan(
   warnings: list[str] = []
 
   with timer.stage("read"):
-    volume = predict.read_scan(input_path, series_uid=series_uid)
+    volume, series_choice = predict.read_study(input_path, series_uid=series_uid)
   # TODO: restoring takes about 3.7 s for a tiny multitask and aggregator run,
   # most of it in nnx.eval_shape of the model builders (stages.model_from_arrays).
   with timer.stage("restore"):
-    runs = _restore(checkpoint_dir, step, aggregator_dir, aggregator_step)
+    if runs is None:
+      runs = restore_runs(
+          checkpoint_dir, step=step, aggregator_dir=aggregator_dir, aggregator_step=aggregator_step
+      )
+    elif (runs.scan_model is None) != (aggregator_dir is None):
+      raise PredictError(
+          f"the restored runs {'include' if runs.scan_model is not None else 'lack'} an"
+          f" aggregator run, but aggregator_dir is {aggregator_dir}; pass the arguments given to"
+          " restore_runs"
+      )
     geometry = predict.input_geometry(runs.slice_config)
-    if runs.scan_model is not None:
-      runs.scan_geometry = aggregator_geometry(runs.scan_config)
-      runs.reuse_blocker = _reuse_blocker(runs, geometry)
   reuse = runs.scan_model is not None and runs.reuse_blocker is None
 
   with timer.stage("preprocess"):
@@ -847,7 +950,9 @@ def predict_scan(
   )
   with timer.stage("postprocess"):
     source_mask = mask_to_source(outputs["mask"], grid)
+    prediction.nifti_grid = segmentation_files.output_grid(volume)
     report, thresholds = _assemble_report(runs, prediction, source_mask)
+    report["series_choice"] = series_choice
   with timer.stage("write"):
     _write_outputs(output_dir, report, prediction, source_mask, square, thresholds)
 
