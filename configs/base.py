@@ -7,6 +7,8 @@ Not an experiment itself: launch one of the experiment files, for example
 
 import ml_collections
 
+from uem_ich_jax.ct.volume import MAX_VOXELS
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -46,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   # by patient_seed, so every training seed uses the same patients).
   config.data.patient_fraction = 1.0
   config.data.patient_seed = 0
+  # Largest scan `uem-ich predict` reads with this run, in voxels (slices x
+  # rows x columns), checked from file headers before any pixel data is read.
+  # The --max-voxels option overrides it.
+  config.data.max_voxels = MAX_VOXELS
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "convnext_v2"  # or "tiny_cnn" (smoke runs)

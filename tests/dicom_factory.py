@@ -127,6 +127,26 @@ def set_stored_values(
   dataset.PixelData = words.astype("<u2").tobytes()
 
 
+def write_hu_modulo_4096(volume: CTVolume, folder: pathlib.Path) -> list[pathlib.Path]:
+  """Write `volume` as 12-bit unsigned slices with intercept 0, negative HU stored modulo 4096.
+
+  This is how the RSNA 2019 release stores some series: air (-1000 HU) is
+  stored as 3096.
+  """
+  paths = write_dicom_series(volume, folder)
+  for path, hu in zip(paths, volume.hu):
+
+    def edit(dataset, hu=hu):
+      set_stored_values(
+          dataset, np.mod(hu.astype(np.int64), 4096), bits_stored=12, pixel_representation=0,
+          garbage_high_bits=False,
+      )
+      dataset.RescaleIntercept = "0"
+
+    edit_file(path, edit)
+  return paths
+
+
 def truncate_file(path: pathlib.Path, keep_fraction: float = 0.6) -> None:
   """Cut a file's end off, as an interrupted copy does."""
   data = path.read_bytes()

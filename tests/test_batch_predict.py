@@ -352,6 +352,27 @@ def test_batch_folder_tree_with_aggregator(runs, study_folder, nifti_scan, tmp_p
   assert json.loads((out / rows[1]["id"] / "report.json").read_text())["shape"][0] == 10
 
 
+@pytest.mark.slow
+def test_batch_max_voxels_fails_large_study(runs, nifti_scan, tmp_path):
+  multitask_dir, _ = runs
+  small = tmp_path / "small"
+  phantom.write_dicom(phantom.generate_scan(37, (4, 32, 32), spacing_mm=(10.0, 7.0, 7.0)), small)
+  table = tmp_path / "studies.csv"
+  table.write_text(f"input,id\n{nifti_scan},large\n{small},small\n")
+  out = tmp_path / "out"
+  # The NIfTI study has 9 x 40 x 40 = 14,400 voxels, the DICOM one 4 x 32 x 32 = 4,096.
+  result = batch.run_batch(
+      multitask_dir, batch.studies_from_csv(table), out, progress=False, max_voxels=10_000
+  )
+  assert result.failed == 1
+  large, small_row = _read_summary(out / batch.SUMMARY_FILE)
+  assert large["status"] == "failed"
+  assert large["error"].startswith(f"PredictError: {nifti_scan}: header shape")
+  assert "14,400 voxels, more than the 10,000 accepted (set by --max-voxels)" in large["error"]
+  assert not (out / "large").exists()
+  assert small_row["status"] == "ok"
+
+
 def test_batch_rejects_series_flag(tmp_path, capsys):
   table = tmp_path / "studies.csv"
   table.write_text("input\nscan.nii.gz\n")

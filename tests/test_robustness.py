@@ -30,25 +30,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # -- 12-bit wrap ----------------------------------------------------------------
 
 
-def _store_modulo_4096(volume, folder):
-  """Write `volume` as 12-bit unsigned slices with intercept 0, negative HU stored modulo 4096."""
-  paths = write_dicom_series(volume, folder)
-  for path, hu in zip(paths, volume.hu):
-
-    def edit(dataset, hu=hu):
-      dicom_factory.set_stored_values(
-          dataset, np.mod(hu.astype(np.int64), 4096), bits_stored=12, pixel_representation=0,
-          garbage_high_bits=False,
-      )
-      dataset.RescaleIntercept = "0"
-
-    dicom_factory.edit_file(path, edit)
-  return paths
-
-
 def test_wrapped_12bit_read_as_stored_with_warning(tmp_path, caplog):
   volume = dicom_factory.make_volume(num_slices=3)
-  _store_modulo_4096(volume, tmp_path)
+  dicom_factory.write_hu_modulo_4096(volume, tmp_path)
   with caplog.at_level(logging.WARNING):
     read = read_dicom_series(tmp_path)
   # The CT layer keeps the stored values: -1000 HU reads as 3096 HU.
@@ -57,7 +41,59 @@ def test_wrapped_12bit_read_as_stored_with_warning(tmp_path, caplog):
   assert warning.startswith("3 of 3 slices")
   assert "BitsStored 12, PixelRepresentation 0 and RescaleIntercept 0" in warning
   assert "cannot store air" in warning
+  assert "read as stored" in warning
   assert "modulo 4096" in caplog.text
+
+
+def test_wrapped_12bit_unwrapped_on_request(tmp_path):
+  volume = dicom_factory.make_volume(num_slices=3)
+  assert volume.hu.min() < 0
+  paths = dicom_factory.write_hu_modulo_4096(volume, tmp_path)
+  read = read_dicom_series(tmp_path, unwrap_12bit=True)
+  np.testing.assert_array_equal(read.hu, volume.hu)
+  (warning,) = [text for text in read.provenance.warnings if "modulo 4096" in text]
+  assert warning.startswith("3 of 3 slices")
+  assert "The wrap was undone" in warning
+  assert "read as stored" not in warning
+  # The same list of files, read through read_dicom_files, gives the same HU.
+  from_files = dicom.read_dicom_files(paths, unwrap_12bit=True)
+  np.testing.assert_array_equal(from_files.hu, volume.hu)
+
+
+def test_unwrap_leaves_air_capable_slices(tmp_path):
+  # Slices with intercept -1024 can store air, so unwrap_12bit does not touch them.
+  volume = dicom_factory.make_volume(num_slices=2)
+  paths = write_dicom_series(volume, tmp_path)
+  for path, hu in zip(paths, volume.hu):
+
+    def edit(dataset, hu=hu):
+      dicom_factory.set_stored_values(
+          dataset, hu.astype(np.int64) + 1024, bits_stored=12, pixel_representation=0
+      )
+      dataset.RescaleIntercept = "-1024"
+
+    dicom_factory.edit_file(path, edit)
+  read = read_dicom_series(tmp_path, unwrap_12bit=True)
+  np.testing.assert_array_equal(read.hu, volume.hu)
+  assert read.provenance.warnings == ()
+
+
+def test_unwrapped_padding_compared_as_stored(tmp_path):
+  volume = dicom_factory.make_volume(num_slices=1)
+  (path,) = dicom_factory.write_hu_modulo_4096(volume, tmp_path)
+  # Stored 4000 is HU -96 once unwrapped, but as PixelPaddingValue it means air.
+  dataset = pydicom.dcmread(path)
+  dicom_factory.set_stored_values(
+      dataset, np.full(volume.hu.shape[1:], 4000), bits_stored=12, pixel_representation=0,
+      garbage_high_bits=False,
+  )
+  words = np.frombuffer(dataset.PixelData, "<u2").copy()
+  words[0] = 100
+  dataset.PixelData = words.tobytes()
+  dicom_factory.set_pixel_padding(dataset, 4000)
+  hu = dicom.unwrapped_slice_hu(dataset, str(path))
+  assert hu.flat[0] == 100.0
+  assert np.all(hu.flat[1:] == -1024.0)
 
 
 def test_unsigned_12bit_with_air_intercept_no_warning(tmp_path):

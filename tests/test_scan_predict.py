@@ -366,6 +366,86 @@ def test_cli_names_the_bad_aggregator(config_only_runs, tmp_path, capsys):
   assert "needs a multitask run" in error
 
 
+def test_max_voxels_rejects_large_dicom_series(config_only_runs, tmp_path):
+  series = tmp_path / "series"
+  # 3 slices of 6 x 7 pixels: 126 voxels.
+  dicom_factory.write_series(series, dicom_factory.make_volume(num_slices=3, rows=6, columns=7))
+  output = tmp_path / "out"
+  expected = re.escape(
+      f"{series}: the 3 files of the series have 126 voxels in all, more than the 100 accepted"
+      " (set by --max-voxels). To predict this scan, pass --max-voxels 126 or more"
+  )
+  # Both stages read the scan before restoring a checkpoint, and these runs have none.
+  for stage in ("multitask", "classification"):
+    with pytest.raises(predict.PredictError, match=expected):
+      predict.predict(config_only_runs[stage], series, output, max_voxels=100)
+  assert not output.exists()
+
+
+def test_max_voxels_from_run_config(config_only_runs, tmp_path):
+  run = config_only_runs["multitask"]
+  config = checkpoint.load_config(run)
+  assert config.data.max_voxels == ct.volume.MAX_VOXELS
+  config.data.max_voxels = 100
+  checkpoint.save_config(run, config)
+  series = tmp_path / "series"
+  dicom_factory.write_series(series, dicom_factory.make_volume(num_slices=3, rows=6, columns=7))
+  with pytest.raises(
+      predict.PredictError,
+      match=re.escape(f"more than the 100 accepted (set by config.data.max_voxels of {run})"),
+  ):
+    predict.predict(run, series, tmp_path / "out")
+  # --max-voxels overrides the run's config.
+  limit = predict.voxel_limit(config, run, 126)
+  assert limit.max_voxels == 126
+  assert limit.source == "set by --max-voxels"
+
+
+def test_max_voxels_default_for_older_runs(config_only_runs):
+  run = config_only_runs["multitask"]
+  # A run saved before config.data.max_voxels existed.
+  saved = json.loads((run / checkpoint.CONFIG_FILE).read_text())
+  del saved["data"]["max_voxels"]
+  (run / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
+  limit = predict.voxel_limit(checkpoint.load_config(run), run)
+  assert limit.max_voxels == ct.volume.MAX_VOXELS
+  assert "has no data.max_voxels" in limit.source
+
+
+def test_max_voxels_invalid_config_value(config_only_runs):
+  run = config_only_runs["multitask"]
+  config = checkpoint.load_config(run)
+  config.data.max_voxels = 0
+  with pytest.raises(predict.PredictError, match=re.escape("config.data.max_voxels is 0")):
+    predict.voxel_limit(config, run)
+
+
+def test_cli_max_voxels_rejects_large_nifti(config_only_runs, tmp_path, capsys):
+  image = tmp_path / "scan.nii.gz"
+  data = np.zeros((4, 5, 3), np.int16)
+  nibabel.Nifti1Image(data, np.diag([0.5, 0.5, 5.0, 1.0])).to_filename(image)
+  rc = cli.main([
+      "predict",
+      f"--checkpoint={config_only_runs['multitask']}",
+      f"--output={tmp_path / 'out'}",
+      "--max-voxels=59",
+      str(image),
+  ])
+  assert rc == 2
+  error = capsys.readouterr().err
+  assert f"{image}: header shape (4, 5, 3) has 60 voxels, more than the 59 accepted" in error
+  assert "pass --max-voxels 60 or more" in error
+
+
+def test_cli_max_voxels_must_be_positive(config_only_runs, tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    cli.main([
+        "predict", f"--checkpoint={config_only_runs['multitask']}",
+        f"--output={tmp_path / 'out'}", "--max-voxels=0", str(tmp_path),
+    ])
+  assert "--max-voxels: 0 is invalid; expected a whole number >= 1" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------ Trained runs ---
 
 
@@ -578,3 +658,23 @@ def test_cli_predict_multitask(runs, phantom_series, tmp_path, capsys):
   report = _strict_json(output / "report.json")
   assert report["aggregator"] is None
   assert report["timings_s"]["aggregator"] == 0.0
+
+
+@pytest.mark.slow
+def test_predict_unwraps_12bit_series(runs, tmp_path):
+  multitask_dir, _ = runs
+  volume = dicom_factory.make_volume(
+      num_slices=3, rows=48, columns=48, pixel_spacing=(230 / 48, 230 / 48), seed=5
+  )
+  assert volume.hu.min() < 0
+  dicom_factory.write_series(tmp_path / "plain", volume)
+  dicom_factory.write_hu_modulo_4096(volume, tmp_path / "wrapped")
+  plain = predict.predict(multitask_dir, tmp_path / "plain", tmp_path / "plain_out")
+  wrapped = predict.predict(multitask_dir, tmp_path / "wrapped", tmp_path / "wrapped_out")
+  (warning,) = [text for text in wrapped["reader_warnings"] if "modulo 4096" in text]
+  assert "The wrap was undone" in warning
+  assert plain["reader_warnings"] == []
+  # The unwrapped series reaches the model exactly as the plain one does.
+  for plain_slice, wrapped_slice in zip(plain["slices"], wrapped["slices"]):
+    assert wrapped_slice["probabilities"] == plain_slice["probabilities"]
+  assert wrapped["segmentation"]["voxels"] == plain["segmentation"]["voxels"]

@@ -138,6 +138,7 @@ def _predict(args: argparse.Namespace) -> int:
       batch_size=args.batch_size,
       aggregator_dir=args.aggregator,
       aggregator_step=args.aggregator_step,
+      max_voxels=args.max_voxels,
   )
   choice = report.get("series_choice")
   if choice is not None and choice["series_candidates"]:
@@ -184,12 +185,26 @@ def _predict_batch(args: argparse.Namespace) -> int:
       batch_size=args.batch_size,
       aggregator_dir=args.aggregator,
       aggregator_step=args.aggregator_step,
+      max_voxels=args.max_voxels,
   )
   print(
       f"{len(result.rows)} studies: {len(result.rows) - result.failed} ok ({result.skipped}"
       f" finished before), {result.failed} failed; summary in {result.summary_path}"
   )
   return 1 if result.failed else 0
+
+
+def _positive_int(text: str) -> int:
+  """Parse a whole number >= 1 for argparse (underscores allowed, as in 2_000_000)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"invalid number {text!r}; expected a whole number >= 1"
+    ) from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} is invalid; expected a whole number >= 1")
+  return value
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -387,6 +402,15 @@ def _parser() -> argparse.ArgumentParser:
       type=int,
       default=None,
       help="slices per model call; default 32 for classification runs, 8 for multitask runs",
+  )
+  predict.add_argument(
+      "--max-voxels",
+      type=_positive_int,
+      default=None,
+      metavar="N",
+      help="largest scan to read, in voxels (slices x rows x columns), checked from the file"
+      " headers before any pixel data is read; default: the run's config.data.max_voxels,"
+      " or 2**31 for runs saved without it",
   )
   predict.set_defaults(run=_predict)
 

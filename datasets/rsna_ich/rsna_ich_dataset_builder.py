@@ -43,7 +43,12 @@ import tensorflow_datasets as tfds
 
 import uem_ich_jax
 from uem_ich_jax import ct
-from uem_ich_jax.ct.dicom import slice_hu, stored_values
+# unwrap_stored_values is imported for callers of this module, which used to define it.
+from uem_ich_jax.ct.dicom_pixels import (  # noqa: F401
+    WRAP_INTERCEPT_ABOVE,
+    unwrap_stored_values,
+    unwrapped_slice_hu,
+)
 from uem_ich_jax.datasets import common
 from uem_ich_jax.errors import InputError
 
@@ -97,11 +102,6 @@ CSV_SUBTYPES = (
 # even if that check missed it.
 KNOWN_CORRUPTED = frozenset({"ID_6431af929"})
 _STEM_PATTERN = re.compile(r"ID_[0-9a-f]{9}")
-
-# The 12-bit wrap: files with BitsStored 12, PixelRepresentation 0 and
-# RescaleIntercept above this store negative HU modulo 4096.
-WRAP_INTERCEPT_ABOVE = -100.0
-WRAP_MODULUS = 4096
 
 _REQUIRED_TAGS = (
     "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient",
@@ -547,38 +547,17 @@ class SeriesResult:
   problems: list[common.BadFile]
 
 
-def unwrap_stored_values(values: np.ndarray, *, slope: float, intercept: float) -> np.ndarray:
-  """Move down by 4096 the stored values whose HU, read that way, is air (`ct.AIR_HU`) or denser.
-
-  The wrapped files can store 4096 consecutive HU values. This reads them as
-  HU -1024 up to 3071 (for slope 1), whatever the intercept: with intercept
-  0, stored values 3072..4095 become HU -1024..-1. A solution of 2019
-  (appian42 `rescale_image`) instead adds 1000, wraps at 4096 and sets the
-  intercept to -1000, which cuts at HU -1000 and turns air from -1024 to
-  -1001 HU into +3072..+3095 HU.
-  """
-  negative = slope * (values.astype(np.float64) - WRAP_MODULUS) + intercept >= ct.AIR_HU
-  return np.where(negative, values - WRAP_MODULUS, values)
-
-
 def unwrap_12bit_hu(path: str) -> np.ndarray:
   """Read one slice whose negative HU are stored modulo 4096, and return its HU.
 
-  See `unwrap_stored_values`. The CT layer's `slice_hu` then converts the
-  values, as signed 16-bit data with the file's own slope and intercept, so
+  The CT layer's `unwrapped_slice_hu` undoes the wrap (see
+  `unwrap_stored_values`) and applies the file's own slope and intercept, so
   padding, the air floor and the HU checks are the CT layer's.
   """
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
     dataset = pydicom.dcmread(path)
-  values = unwrap_stored_values(
-      stored_values(dataset, path),
-      slope=_first_number(dataset, "RescaleSlope", 1.0),
-      intercept=_first_number(dataset, "RescaleIntercept", 0.0),
-  )
-  dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 15, 1
-  dataset.PixelData = values.astype("<i2").tobytes()
-  return slice_hu(dataset, path)
+  return unwrapped_slice_hu(dataset, path)
 
 
 def process_series(plan: SeriesPlan, *, layout: str, image_size: int) -> SeriesResult:

@@ -19,5 +19,6 @@ from uem_ich_jax.ct.volume import (
     CTReadError,
     CTVolume,
     Provenance,
+    VolumeTooLargeError,
 )
 from uem_ich_jax.ct.windowing import WINDOWS, uint8_to_model_input, windows, windows_uint8

@@ -70,9 +70,16 @@ from uem_ich_jax.ct.dicom_pixels import (
     may_store_hu_modulo_4096,
     slice_hu,
     stored_values,
+    unwrapped_slice_hu,
 )
 from uem_ich_jax.ct.dicom_tags import _first_number, _kernel, _tag_value
-from uem_ich_jax.ct.volume import MAX_VOXELS, CTReadError, CTVolume, Provenance
+from uem_ich_jax.ct.volume import (
+    MAX_VOXELS,
+    CTReadError,
+    CTVolume,
+    Provenance,
+    VolumeTooLargeError,
+)
 
 __all__ = [
     "COLLINEAR_TOLERANCE_MM",
@@ -95,6 +102,7 @@ __all__ = [
     "read_dicom_series",
     "slice_hu",
     "stored_values",
+    "unwrapped_slice_hu",
 ]
 
 logger = logging.getLogger(__name__)
@@ -184,8 +192,12 @@ def _localizer_image_type(dataset: Dataset, source: str) -> str | None:
   return "\\".join(words) if "LOCALIZER" in words else None
 
 
-def _read_slice(path: pathlib.Path) -> _Slice:
-  """Read one file's geometry and pixels, or raise CTReadError naming the file and the flaw."""
+def _read_slice(path: pathlib.Path, unwrap_12bit: bool = False) -> _Slice:
+  """Read one file's geometry and pixels, or raise CTReadError naming the file and the flaw.
+
+  With `unwrap_12bit`, a slice that `may_store_hu_modulo_4096` flags is read
+  with `unwrapped_slice_hu`.
+  """
   source = str(path)
   try:
     # force=True also reads files without preamble, which the header scan accepted.
@@ -200,7 +212,10 @@ def _read_slice(path: pathlib.Path) -> _Slice:
   position = _slice_position(dataset, source)
   orientation = _slice_orientation(dataset, source)
   pixel_spacing = _pixel_spacing(dataset, source)
-  hu = slice_hu(dataset, source)
+  if unwrap_12bit and may_store_hu_modulo_4096(dataset, source):
+    hu = unwrapped_slice_hu(dataset, source)
+  else:
+    hu = slice_hu(dataset, source)
   return _Slice(
       path=path, dataset=dataset, hu=hu, position=position, orientation=orientation,
       pixel_spacing=pixel_spacing,
@@ -208,7 +223,10 @@ def _read_slice(path: pathlib.Path) -> _Slice:
 
 
 def _read_slices(
-    label: str, members: Sequence[tuple[pathlib.Path, Dataset]], warnings: list[str]
+    label: str,
+    members: Sequence[tuple[pathlib.Path, Dataset]],
+    warnings: list[str],
+    unwrap_12bit: bool = False,
 ) -> list[_Slice]:
   """Read every file of the series, skipping invalid ones with a warning.
 
@@ -223,7 +241,7 @@ def _read_slices(
     if modality != "CT":
       raise CTReadError(f"{path}: modality {modality or '(missing)'} is not CT")
     try:
-      slices.append(_read_slice(path))
+      slices.append(_read_slice(path, unwrap_12bit))
     except _MissingDecoderError:
       raise
     except CTReadError as error:
@@ -253,6 +271,7 @@ def read_dicom_series(
     series_uid: str | None = None,
     min_slices: int = 1,
     max_voxels: int | None = None,
+    unwrap_12bit: bool = False,
 ) -> CTVolume:
   """Read one CT series from a folder (searched recursively) or a single file.
 
@@ -264,6 +283,11 @@ def read_dicom_series(
     max_voxels: the largest series accepted, as the sum of Rows x Columns
       over its files, checked from headers before any pixel data is read.
       None means `MAX_VOXELS`.
+    unwrap_12bit: read the slices that `may_store_hu_modulo_4096` flags
+      with `unwrapped_slice_hu`, so that their negative HU (air) come back
+      as HU from -1024 up to 3071 (for slope 1). False reads them as
+      stored. Either way one warning per series counts them and names the
+      first.
 
   Returns:
     The volume with slices in ascending position along the slice normal.
@@ -274,10 +298,10 @@ def read_dicom_series(
       modality, fewer than `min_slices` valid slices, valid slices that differ
       in image size, orientation or pixel spacing, different images at one
       position, compressed pixel data without an installed decoder, or a
-      series larger than `max_voxels`. A file that cannot be parsed, whose
-      pixel data, rescale or geometry tags are invalid, or that is a localizer
-      image (ImageType LOCALIZER), is skipped with a warning instead, unless
-      no file of the series is valid.
+      series larger than `max_voxels` (`VolumeTooLargeError`). A file that
+      cannot be parsed, whose pixel data, rescale or geometry tags are
+      invalid, or that is a localizer image (ImageType LOCALIZER), is skipped
+      with a warning instead, unless no file of the series is valid.
   """
   path = pathlib.Path(path)
   return _read_volume(
@@ -287,6 +311,7 @@ def read_dicom_series(
       min_slices=min_slices,
       single_file=path.is_file(),
       max_voxels=max_voxels,
+      unwrap_12bit=unwrap_12bit,
   )
 
 
@@ -296,6 +321,7 @@ def read_dicom_files(
     series_uid: str | None = None,
     min_slices: int = 1,
     max_voxels: int | None = None,
+    unwrap_12bit: bool = False,
 ) -> CTVolume:
   """Read one CT series from a list of files, such as `DicomSeries.files`.
 
@@ -320,7 +346,7 @@ def read_dicom_files(
   label = f"{len(paths)} files in {paths[0].parent}"
   return _read_volume(
       label, paths, series_uid=series_uid, min_slices=min_slices, single_file=len(paths) == 1,
-      max_voxels=max_voxels,
+      max_voxels=max_voxels, unwrap_12bit=unwrap_12bit,
   )
 
 
@@ -332,6 +358,7 @@ def _read_volume(
     min_slices: int,
     single_file: bool,
     max_voxels: int | None,
+    unwrap_12bit: bool,
 ) -> CTVolume:
   scan = _scan_headers(files)
   if not scan.groups:
@@ -341,9 +368,9 @@ def _read_volume(
   members = _select_series(label, scan.groups, series_uid)
   _check_series_size(label, members, MAX_VOXELS if max_voxels is None else max_voxels)
   warnings = list(scan.warnings)
-  slices = _read_slices(label, members, warnings)
+  slices = _read_slices(label, members, warnings, unwrap_12bit)
   _check_same_grid(slices)
-  volume = _assemble(slices, warnings)
+  volume = _assemble(slices, warnings, unwrap_12bit)
   if volume.num_slices < min_slices:
     raise CTReadError(
         f"{label}: {volume.num_slices} valid slice(s), at least {min_slices} needed"
@@ -370,15 +397,18 @@ def _check_series_size(
     if 0 < pixels <= MAX_IMAGE_PIXELS:
       total += pixels
   if total > max_voxels:
-    raise CTReadError(
-        f"{label}: the {len(members)} files of the series have {total:,} voxels in all, more "
-        f"than the {max_voxels:,} accepted (the max_voxels argument, by default "
-        "uem_ich_jax.ct.volume.MAX_VOXELS)"
+    raise VolumeTooLargeError(
+        f"{label}: the {len(members)} files of the series have {total:,} voxels in all",
+        total,
+        max_voxels,
     )
 
 
-def _wrap_warning(slices: Sequence[_Slice]) -> str | None:
-  """Return a warning when slices are 12-bit unsigned with an intercept that cannot give air."""
+def _wrap_warning(slices: Sequence[_Slice], unwrapped: bool) -> str | None:
+  """Return a warning when slices are 12-bit unsigned with an intercept that cannot give air.
+
+  `unwrapped` is True when `_read_slice` undid the wrap of those slices.
+  """
   wrapped = [item for item in slices if may_store_hu_modulo_4096(item.dataset, str(item.path))]
   if not wrapped:
     return None
@@ -386,13 +416,21 @@ def _wrap_warning(slices: Sequence[_Slice]) -> str | None:
   return (
       f"{len(wrapped)} of {len(slices)} slices (first {wrapped[0].path}) have BitsStored 12, "
       f"PixelRepresentation 0 and RescaleIntercept {intercept:g}, so they cannot store air. "
-      "Their negative HU may be stored modulo 4096, as in the RSNA 2019 release. They are read "
-      "as stored, so wrapped air reads as +3072 HU or more"
+      "Their negative HU may be stored modulo 4096, as in the RSNA 2019 release. "
+      + (
+          "The wrap was undone: their stored values were read as HU from -1024 up to 3071 "
+          "(for RescaleSlope 1)"
+          if unwrapped
+          else "They are read as stored, so wrapped air reads as +3072 HU or more"
+      )
   )
 
 
-def _assemble(slices: list[_Slice], warnings: list[str]) -> CTVolume:
-  """Sort, deduplicate and measure the slices of one series (already on one grid)."""
+def _assemble(slices: list[_Slice], warnings: list[str], unwrapped: bool = False) -> CTVolume:
+  """Sort, deduplicate and measure the slices of one series (already on one grid).
+
+  `unwrapped` is True when the slices were read with `unwrap_12bit`.
+  """
   first = slices[0]
   source = str(first.path)
   row_cosine, column_cosine = first.orientation[:3], first.orientation[3:]
@@ -404,7 +442,7 @@ def _assemble(slices: list[_Slice], warnings: list[str]) -> CTVolume:
   slices = sorted(slices, key=lambda item: along[id(item)])
   slices = _drop_duplicates(slices, along, warnings)
   positions = np.stack([item.position for item in slices])
-  wrap_warning = _wrap_warning(slices)
+  wrap_warning = _wrap_warning(slices, unwrapped)
   if wrap_warning:
     logger.warning("%s", wrap_warning)
     warnings.append(wrap_warning)

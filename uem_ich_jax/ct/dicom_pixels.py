@@ -22,6 +22,7 @@ MAX_ABS_HU = 1e6
 # air (-1000 HU). Such files in the RSNA 2019 release store negative HU
 # modulo 4096, so that air reads as +3072 HU or more.
 WRAP_INTERCEPT_ABOVE = -100.0
+WRAP_MODULUS = 4096
 
 
 class _MissingDecoderError(CTReadError):
@@ -206,6 +207,20 @@ def may_store_hu_modulo_4096(dataset: Dataset, source: str = "") -> bool:
   return bits_stored == 12 and pixel_representation == 0 and intercept > WRAP_INTERCEPT_ABOVE
 
 
+def unwrap_stored_values(values: np.ndarray, *, slope: float, intercept: float) -> np.ndarray:
+  """Move down by 4096 the stored values whose HU, read that way, is air (`AIR_HU`) or denser.
+
+  The wrapped files can store 4096 consecutive HU values. This reads them as
+  HU -1024 up to 3071 (for slope 1), whatever the intercept: with intercept
+  0, stored values 3072..4095 become HU -1024..-1. A solution of 2019
+  (appian42 `rescale_image`) instead adds 1000, wraps at 4096 and sets the
+  intercept to -1000, which cuts at HU -1000 and turns air from -1024 to
+  -1001 HU into +3072..+3095 HU.
+  """
+  negative = slope * (values.astype(np.float64) - WRAP_MODULUS) + intercept >= AIR_HU
+  return np.where(negative, values - WRAP_MODULUS, values)
+
+
 def slice_hu(dataset: Dataset, source: str = "") -> np.ndarray:
   """Return one slice in HU (float32), with padding and out-of-field voxels as air.
 
@@ -221,11 +236,29 @@ def slice_hu(dataset: Dataset, source: str = "") -> np.ndarray:
       or RescaleIntercept (not one finite number, or slope 0), or HU beyond
       `MAX_ABS_HU`, which only an invalid rescale produces.
   """
+  return _hu(dataset, source, unwrap=False)
+
+
+def unwrapped_slice_hu(dataset: Dataset, source: str = "") -> np.ndarray:
+  """Return one slice in HU like `slice_hu`, reading its stored values modulo 4096.
+
+  For slices whose negative HU are stored modulo 4096
+  (`may_store_hu_modulo_4096`): `unwrap_stored_values` turns the stored values
+  back into HU from -1024 up to 3071 (for slope 1) before the rescale.
+  PixelPaddingValue is compared with the values as stored. The caller
+  chooses the slices to unwrap, for example with `may_store_hu_modulo_4096`.
+  """
+  return _hu(dataset, source, unwrap=True)
+
+
+def _hu(dataset: Dataset, source: str, *, unwrap: bool) -> np.ndarray:
   source = source or str(getattr(dataset, "filename", "") or "dataset")
   values = stored_values(dataset, source)
   slope, intercept = _rescale(dataset, source)
-  hu = values.astype(np.float64) * slope + intercept
   padding = _padding_mask(dataset, values, source)
+  if unwrap:
+    values = unwrap_stored_values(values, slope=slope, intercept=intercept)
+  hu = values.astype(np.float64) * slope + intercept
   hu[padding] = AIR_HU
   bits_allocated = _integer(dataset, "BitsAllocated", source)
   bits_stored = _integer(dataset, "BitsStored", source, default=bits_allocated)

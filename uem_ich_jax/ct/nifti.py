@@ -46,6 +46,7 @@ from uem_ich_jax.ct.volume import (
     CTReadError,
     CTVolume,
     Provenance,
+    VolumeTooLargeError,
     apply_air_floor,
 )
 
@@ -174,9 +175,8 @@ def _data_end(header: nibabel.Nifti1Header, path: pathlib.Path, max_voxels: int)
     raise CTReadError(f"{path}: invalid NIfTI header: negative size in shape {shape}")
   num_voxels = math.prod(shape)
   if num_voxels > max_voxels:
-    raise CTReadError(
-        f"{path}: header shape {shape} has {num_voxels:,} voxels, more than the {max_voxels:,} "
-        "accepted (the max_voxels argument, by default uem_ich_jax.ct.volume.MAX_VOXELS)"
+    raise VolumeTooLargeError(
+        f"{path}: header shape {shape} has {num_voxels:,} voxels", num_voxels, max_voxels
     )
   dtype = _voxel_dtype(header, path)
 

@@ -372,14 +372,19 @@ def _ranked(info: SeriesInfo, reason: str | None = None) -> dict:
 
 
 def read_study(
-    folder: str | pathlib.Path, *, series_uid: str | None = None
+    folder: str | pathlib.Path,
+    *,
+    series_uid: str | None = None,
+    max_voxels: int | None = None,
+    unwrap_12bit: bool = False,
 ) -> tuple[CTVolume, SeriesChoice]:
   """Read the series of a DICOM folder that `series_uid` names, or else the one the rule picks.
 
   A folder with one series is read as it is, without the rule. With several
   series, those whose Modality is not CT are rejected first, and `RULE`
   applies to the rest. A series that the CT reader cannot read is listed
-  with the error, and the next one in rank is tried.
+  with the error, and the next one in rank is tried. `max_voxels` and
+  `unwrap_12bit` go to the CT reader (see `read_dicom_series`).
 
   Raises:
     CTReadError: no DICOM images, `series_uid` not found, or no series that
@@ -389,7 +394,9 @@ def read_study(
   found = list_dicom_series(folder)
   if series_uid is not None or len(found) <= 1:
     # The reader raises the usual errors: no images, or the UID not found (listing the series).
-    volume = read_dicom_series(folder, series_uid=series_uid)
+    volume = read_dicom_series(
+        folder, series_uid=series_uid, max_voxels=max_voxels, unwrap_12bit=unwrap_12bit
+    )
     chosen = [item for item in found if item.series_uid == volume.provenance.series_uid]
     others = [item for item in found if item.series_uid != volume.provenance.series_uid]
     return volume, SeriesChoice(
@@ -413,7 +420,10 @@ def read_study(
   candidates.extend(_ranked(info, reason) for info, reason in ranking.rejected)
   for position, info in enumerate(ranking.eligible):
     try:
-      volume = read_dicom_files(info.files, series_uid=info.series_uid, min_slices=2)
+      volume = read_dicom_files(
+          info.files, series_uid=info.series_uid, min_slices=2, max_voxels=max_voxels,
+          unwrap_12bit=unwrap_12bit,
+      )
     except CTReadError as error:
       candidates.append(_ranked(info, f"unreadable: {error}"))
       continue

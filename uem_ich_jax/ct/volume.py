@@ -16,8 +16,10 @@ AIR_HU = -1024.0
 # Largest volume a reader accepts, in voxels, unless the caller passes another
 # limit. 2**31 voxels (1024 x 1024 x 2048) take 8 GiB as float32, more than
 # any head CT. Readers check it against the header, before reading voxel data.
-# TODO: no config field sets this yet, and `uem-ich predict` passes no
-# limit, so prediction accepts 8 GiB volumes even on a machine with less memory.
+# It is also the default of `config.data.max_voxels`, which `uem-ich predict`
+# passes to the readers unless --max-voxels overrides it.
+# TODO: the TFDS builders in datasets/ read with this default, and
+# `uem-ich build-dataset` has no option to set another limit.
 MAX_VOXELS = 2**31
 
 
@@ -45,6 +47,26 @@ MASK_IMAGE_GEOMETRY_ASSUMED = "image geometry assumed"
 
 class CTReadError(InputError):
   """Input that cannot be read as CT; the message names the file and the reason."""
+
+
+class VolumeTooLargeError(CTReadError):
+  """A header that describes more voxels than the reader's `max_voxels` limit.
+
+  Attributes:
+    description: the file or series and its size, for example
+      "scan.nii: header shape (512, 512, 40000) has 10,485,760,000 voxels".
+    num_voxels: the number of voxels the header describes.
+    max_voxels: the limit that was exceeded.
+  """
+
+  def __init__(self, description: str, num_voxels: int, max_voxels: int):
+    super().__init__(
+        f"{description}, more than the {max_voxels:,} accepted (the max_voxels argument, by"
+        " default uem_ich_jax.ct.volume.MAX_VOXELS)"
+    )
+    self.description = description
+    self.num_voxels = num_voxels
+    self.max_voxels = max_voxels
 
 
 @dataclasses.dataclass(frozen=True)

@@ -345,11 +345,14 @@ def run_batch(
     aggregator_dir: str | os.PathLike | None = None,
     aggregator_step: int | None = None,
     progress: bool | None = None,
+    max_voxels: int | None = None,
 ) -> BatchResult:
   """Predict every study into OUTPUT/<id>/ and write OUTPUT/summary.csv after each one.
 
   Studies with a valid OUTPUT/<id>/report.json are skipped. `progress` shows
-  a tqdm bar on stderr (None: only when stderr is a terminal).
+  a tqdm bar on stderr (None: only when stderr is a terminal). `max_voxels`
+  is the largest scan read (None: the run's config, see
+  `predict.voxel_limit`); a larger study fails with its size in the summary.
 
   Raises:
     InputError: the runs cannot be used (wrong stage, missing checkpoint) or
@@ -368,6 +371,7 @@ def run_batch(
       "batch_size": batch_size,
       "aggregator_dir": aggregator_dir,
       "aggregator_step": aggregator_step,
+      "max_voxels": max_voxels,
   }
   result = BatchResult(rows=[], summary_path=summary_path)
   bar = tqdm.tqdm(studies, unit="study", disable=None if progress is None else not progress)

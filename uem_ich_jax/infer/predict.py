@@ -35,7 +35,7 @@ import uem_ich_jax
 from uem_ich_jax import ct
 from uem_ich_jax.ct import inspect as ct_inspect
 from uem_ich_jax.ct.series_choice import read_study as read_dicom_study
-from uem_ich_jax.ct.volume import AIR_HU
+from uem_ich_jax.ct.volume import AIR_HU, MAX_VOXELS
 from uem_ich_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -87,32 +87,97 @@ def input_geometry(config: ml_collections.ConfigDict) -> InputGeometry:
   return InputGeometry(size, column_mm * size)
 
 
+@dataclasses.dataclass(frozen=True)
+class VoxelLimit:
+  """The largest scan prediction reads, in voxels, and where that number is set (for messages)."""
+
+  max_voxels: int
+  source: str
+
+  @classmethod
+  def default(cls) -> VoxelLimit:
+    return cls(MAX_VOXELS, "the default, uem_ich_jax.ct.volume.MAX_VOXELS")
+
+
+def voxel_limit(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    max_voxels: int | None = None,
+) -> VoxelLimit:
+  """Return the size limit for reading scans with the run in `workdir`, whose config is `config`.
+
+  `max_voxels` (the --max-voxels option) wins over the run's
+  `config.data.max_voxels`. A run saved before that field existed gets
+  `ct.volume.MAX_VOXELS`, the readers' default.
+  """
+  if max_voxels is not None:
+    if isinstance(max_voxels, bool) or not isinstance(max_voxels, int) or max_voxels < 1:
+      raise PredictError(f"--max-voxels {max_voxels!r} is invalid: expected a whole number >= 1")
+    return VoxelLimit(max_voxels, "set by --max-voxels")
+  data = config.get("data")
+  value = None if data is None else data.get("max_voxels")
+  if value is None:
+    return VoxelLimit(
+        MAX_VOXELS, f"the default, because the config of {workdir} has no data.max_voxels"
+    )
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise PredictError(
+        f"{workdir}: config.data.max_voxels is {value!r}, which is invalid: expected a whole"
+        " number >= 1. Pass --max-voxels to override it"
+    )
+  return VoxelLimit(value, f"set by config.data.max_voxels of {workdir}")
+
+
 def read_study(
-    path: str | os.PathLike, *, series_uid: str | None = None
+    path: str | os.PathLike,
+    *,
+    series_uid: str | None = None,
+    limit: VoxelLimit | None = None,
 ) -> tuple[ct.CTVolume, dict[str, Any] | None]:
   """Read a NIfTI file, or a DICOM folder or file, choosing one series of a study folder.
 
   Returns the volume and the report's `series_choice` section: None for a
   NIfTI file, else which series was read and why each other one was not.
   A folder with several series is read by the CQ500 rule
-  (`ct.series_choice.RULE`) unless `series_uid` names one.
+  (`ct.series_choice.RULE`) unless `series_uid` names one. DICOM slices
+  whose negative HU are stored modulo 4096 (12-bit unsigned, as in the RSNA
+  2019 release) are unwrapped, and a reader warning states it.
+
+  `limit` (by default `VoxelLimit.default()`) is checked against the file
+  headers before any pixel data is read. A larger scan raises PredictError,
+  which names the file, its size and the --max-voxels option.
   """
   path = pathlib.Path(path)
+  limit = limit or VoxelLimit.default()
   if not path.exists():
     raise PredictError(f"{path} does not exist")
-  if path.is_file() and ct_inspect.is_nifti(path):
-    if series_uid is not None:
-      raise PredictError(
-          f"{path}: a series UID ({series_uid}) applies to DICOM folders, not to NIfTI files"
-      )
-    return ct.read_nifti(path), None
-  volume, choice = read_dicom_study(path, series_uid=series_uid)
+  try:
+    if path.is_file() and ct_inspect.is_nifti(path):
+      if series_uid is not None:
+        raise PredictError(
+            f"{path}: a series UID ({series_uid}) applies to DICOM folders, not to NIfTI files"
+        )
+      return ct.read_nifti(path, max_voxels=limit.max_voxels), None
+    volume, choice = read_dicom_study(
+        path, series_uid=series_uid, max_voxels=limit.max_voxels, unwrap_12bit=True
+    )
+  except ct.VolumeTooLargeError as error:
+    raise PredictError(
+        f"{error.description}, more than the {error.max_voxels:,} accepted ({limit.source})."
+        f" To predict this scan, pass --max-voxels {error.num_voxels} or more (the max_voxels"
+        " argument of predict.predict)"
+    ) from error
   return volume, choice.to_json()
 
 
-def read_scan(path: str | os.PathLike, *, series_uid: str | None = None) -> ct.CTVolume:
+def read_scan(
+    path: str | os.PathLike,
+    *,
+    series_uid: str | None = None,
+    limit: VoxelLimit | None = None,
+) -> ct.CTVolume:
   """Read a NIfTI file or a DICOM folder or file, like `read_study`, and return the volume."""
-  return read_study(path, series_uid=series_uid)[0]
+  return read_study(path, series_uid=series_uid, limit=limit)[0]
 
 
 def _square_start(current: int, size: int) -> int:
@@ -406,6 +471,7 @@ def predict(
     aggregator_dir: str | os.PathLike | None = None,
     aggregator_step: int | None = None,
     runs: Any = None,
+    max_voxels: int | None = None,
 ) -> dict[str, Any]:
   """Run the model of `checkpoint_dir` on every slice of `input_path` and write the outputs.
 
@@ -413,7 +479,9 @@ def predict(
   `output_dir/overview.png` here. A multitask run, optionally with an
   aggregator run (`aggregator_dir`), goes through `scan_predict.predict_scan`,
   which also writes the segmentation. `runs`, from `restore_runs` with the
-  same run arguments, skips restoring the runs again. Returns the report.
+  same run arguments, skips restoring the runs again. `max_voxels` limits
+  the scan size (see `voxel_limit`), and None takes the run's config.
+  Returns the report.
   """
   from uem_ich_jax.infer import overview
 
@@ -436,9 +504,17 @@ def predict(
         aggregator_dir=aggregator_dir,
         aggregator_step=aggregator_step,
         runs=runs,
+        max_voxels=max_voxels,
     )
   batch_size = batch_size or 32
-  volume, choice = read_study(input_path, series_uid=series_uid)
+  if runs is None:
+    from uem_ich_jax.train import checkpoint
+
+    config = checkpoint.load_config(checkpoint_dir)
+  else:
+    config = runs.config
+  limit = voxel_limit(config, checkpoint_dir, max_voxels)
+  volume, choice = read_study(input_path, series_uid=series_uid, limit=limit)
   if runs is None:
     runs = restore_runs(checkpoint_dir, step=step)
   model, config, step, geometry = runs.model, runs.config, runs.step, runs.geometry

@@ -4,7 +4,8 @@ Stages, each timed with `time.perf_counter` and logged:
 
   restore      restore the multitask run (and the aggregator run), and compare
                their encoders once
-  read         read the DICOM series or NIfTI file (`predict.read_scan`)
+  read         read the DICOM series or NIfTI file (`predict.read_study`), after
+               checking its size from the headers (`predict.voxel_limit`)
   preprocess   the model input of `predict.model_input`: each slice centre-cropped
                or air-padded to the training data's square field of view,
                resized to its image size, windowed through uint8
@@ -874,6 +875,7 @@ def predict_scan(
     aggregator_dir: str | os.PathLike | None = None,
     aggregator_step: int | None = None,
     runs: _Runs | None = None,
+    max_voxels: int | None = None,
 ) -> dict[str, Any]:
   """Predict one scan with a multitask run and, optionally, an aggregator run.
 
@@ -882,12 +884,17 @@ def predict_scan(
   segmentation.dcm (a DICOM SEG of the source frames), and overview.png into
   `output_dir`, and returns the report. `runs`, from `restore_runs` with the
   same run arguments, skips the restore (a batch restores once).
+  `max_voxels` is the largest scan read, in voxels; None takes the multitask
+  run's `config.data.max_voxels` (see `predict.voxel_limit`).
 
   Raises:
-    PredictError: a missing input, a run of the wrong stage, or an output that
-      cannot be written; the message names the path.
+    PredictError: a missing input, a scan larger than the voxel limit, a run
+      of the wrong stage, or an output that cannot be written. The message
+      names the path.
     CheckpointError: a run directory without a config or checkpoints.
   """
+  from uem_ich_jax.train import checkpoint
+
   timer = StageTimer()
   checkpoint_dir = pathlib.Path(checkpoint_dir)
   output_dir = pathlib.Path(output_dir)
@@ -897,7 +904,10 @@ def predict_scan(
   warnings: list[str] = []
 
   with timer.stage("read"):
-    volume, series_choice = predict.read_study(input_path, series_uid=series_uid)
+    # The config alone, read as JSON, so that a scan too large fails before the restore.
+    slice_config = checkpoint.load_config(checkpoint_dir) if runs is None else runs.slice_config
+    limit = predict.voxel_limit(slice_config, checkpoint_dir, max_voxels)
+    volume, series_choice = predict.read_study(input_path, series_uid=series_uid, limit=limit)
   # TODO: restoring takes about 3.7 s for a tiny multitask and aggregator run,
   # most of it in nnx.eval_shape of the model builders (stages.model_from_arrays).
   with timer.stage("restore"):
