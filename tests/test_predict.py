@@ -1,5 +1,6 @@
 """`uem-ich predict`: model input rule, thresholds, report and overview on a tiny trained run."""
 
+import hashlib
 import json
 import pathlib
 
@@ -164,6 +165,8 @@ def test_predict_phantom_series(smoke_run, phantom_series, tmp_path):
   assert report["model"]["step"] in (2, 4)
   assert report["model"]["depth"] == 2
   assert report["model"]["pool"] == "avg"
+  config_bytes = (smoke_run / checkpoint.CONFIG_FILE).read_bytes()
+  assert report["model"]["config_sha256"] == hashlib.sha256(config_bytes).hexdigest()
   # `uem-ich evaluate` ran, so the thresholds are the validation fold's.
   assert report["thresholds_from"].endswith(f"eval_step{report['model']['step']}_fold0.json")
   assert all(entry["sop_instance_uid"] for entry in report["slices"])
@@ -217,3 +220,42 @@ def test_predict_rejects_a_pretraining_run(tmp_path):
   checkpoint.save_config(tmp_path / "ssl", config_file.load(f"{path}:smoke", []))
   with pytest.raises(predict.PredictError, match="'ssl_pretrain' run; predict needs a classification"):
     predict.predict(tmp_path / "ssl", tmp_path, tmp_path / "out")
+
+
+def test_read_study_nifti_named_junk(tmp_path):
+  path = tmp_path / "scan.nii.gz"
+  path.write_bytes(b"not gzip and not NIfTI" * 20)
+  with pytest.raises(CTReadError, match="not a NIfTI file"):
+    predict.read_study(path)
+
+
+def test_predict_rejects_file_as_output(tmp_path):
+  output = tmp_path / "afile"
+  output.write_text("taken")
+  with pytest.raises(predict.PredictError, match="is a file, not a folder"):
+    predict.predict(tmp_path / "no_run", tmp_path, output)
+
+
+def test_predict_rejects_zero_batch_size(tmp_path):
+  with pytest.raises(predict.PredictError, match="positive number of slices, got 0"):
+    predict.predict(tmp_path / "no_run", tmp_path, tmp_path / "out", batch_size=0)
+
+
+def test_cli_rejects_negative_batch_size(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["predict", "--checkpoint=run", f"--output={tmp_path}", "--batch-size=-3", "scan"])
+  assert exit_info.value.code == 2
+  assert "--batch-size" in capsys.readouterr().err
+
+
+def test_predict_removes_earlier_outputs(smoke_run, phantom_series, tmp_path):
+  # A multitask prediction wrote here before; a classification run writes no mask.
+  (tmp_path / "segmentation.nii.gz").write_bytes(b"old mask")
+  (tmp_path / "report.html").write_text("old page")
+  (tmp_path / "notes.txt").write_text("the user's own file")
+  report = predict.predict(smoke_run, phantom_series, tmp_path)
+  assert report["model"]["stage"] == "classification"
+  assert not (tmp_path / "segmentation.nii.gz").exists()
+  assert not (tmp_path / "report.html").exists()
+  assert (tmp_path / "notes.txt").read_text() == "the user's own file"
+  assert (tmp_path / predict.REPORT_FILE).is_file()

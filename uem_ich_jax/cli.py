@@ -157,7 +157,12 @@ def _predict(args: argparse.Namespace) -> int:
   aggregator = report.get("aggregator")
   if aggregator is not None:
     first = aggregator["labels"][0]
-    print(f"scan {first} (aggregator): {_number(aggregator['scan'][first]['probability'])}")
+    scan_label = aggregator["scan"][first]
+    scan_verdict = "positive" if scan_label["positive"] else "negative"
+    print(
+        f"scan {first} (aggregator): {scan_verdict} (probability"
+        f" {_number(scan_label['probability'])}, threshold {_number(scan_label['threshold'])})"
+    )
   if "timings_s" in report:
     print(f"took {_number(report['timings_s']['total'], 1)} s")
   files = report.get("outputs", {"report": "report.json", "overview": "overview.png"})
@@ -399,7 +404,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   predict.add_argument(
       "--batch-size",
-      type=int,
+      type=_positive_int,
       default=None,
       help="slices per model call; default 32 for classification runs, 8 for multitask runs",
   )

@@ -17,6 +17,7 @@ aggregator run, scan labels.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -152,7 +153,10 @@ def read_study(
   if not path.exists():
     raise PredictError(f"{path} does not exist")
   try:
-    if path.is_file() and ct_inspect.is_nifti(path):
+    # A file named .nii or .nii.gz goes to the NIfTI reader even when its content is
+    # not NIfTI, so the error describes what is wrong with it as NIfTI.
+    named_nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    if path.is_file() and (named_nifti or ct_inspect.is_nifti(path)):
       if series_uid is not None:
         raise PredictError(
             f"{path}: a series UID ({series_uid}) applies to DICOM folders, not to NIfTI files"
@@ -487,6 +491,9 @@ def predict(
 
   checkpoint_dir = pathlib.Path(checkpoint_dir)
   output_dir = pathlib.Path(output_dir)
+  if batch_size is not None and batch_size < 1:
+    raise PredictError(f"batch_size must be a positive number of slices, got {batch_size}")
+  check_output_dir(output_dir)
   if runs is None:
     stage = _check_stages(checkpoint_dir, aggregator_dir)
   else:
@@ -507,6 +514,7 @@ def predict(
         max_voxels=max_voxels,
     )
   batch_size = batch_size or 32
+  remove_earlier_outputs(output_dir)
   if runs is None:
     from uem_ich_jax.train import checkpoint
 
@@ -531,6 +539,7 @@ def predict(
       "pool": config.model.get("pool", "avg") if config.model.name == "tiny_cnn" else None,
       "stage": config.stage,
       "dataset": config.data.name,
+      "config_sha256": config_sha256(checkpoint_dir),
   }
   if config.data.name.startswith("synthetic_ich"):
     model_info["note"] = (
@@ -556,6 +565,57 @@ def predict(
       square.hu, probs, thresholds, output_dir / OVERVIEW_FILE, title=overview_title(report)
   )
   return report
+
+
+def config_sha256(workdir: pathlib.Path) -> str | None:
+  """Return the SHA-256 of the run's config.json, an id of its config, or None without one."""
+  from uem_ich_jax.train import checkpoint
+
+  try:
+    return hashlib.sha256((workdir / checkpoint.CONFIG_FILE).read_bytes()).hexdigest()
+  except OSError:
+    return None
+
+
+def check_output_dir(output_dir: pathlib.Path) -> None:
+  """Raise PredictError when `output_dir` exists and is not a folder, before any work is done."""
+  if output_dir.exists() and not output_dir.is_dir():
+    raise PredictError(f"the output path {output_dir} is a file, not a folder; pass a folder")
+
+
+def output_files() -> tuple[str, ...]:
+  """Return the names of every file that a prediction may write into its output folder."""
+  from uem_ich_jax.infer import report_html
+  from uem_ich_jax.infer import segmentation_files
+
+  return (
+      REPORT_FILE,
+      OVERVIEW_FILE,
+      segmentation_files.NIFTI_FILE,
+      segmentation_files.DICOM_SEG_FILE,
+      report_html.HTML_FILE,
+  )
+
+
+def remove_earlier_outputs(output_dir: pathlib.Path) -> list[str]:
+  """Delete the prediction files of an earlier run in `output_dir`, and return their names.
+
+  Without this, a classification run predicting into the folder of an earlier
+  multitask prediction would leave that run's mask and report.html beside the
+  new report.json. Other files in the folder are left alone.
+  """
+  removed = []
+  for name in output_files():
+    path = output_dir / name
+    if path.is_file() or path.is_symlink():
+      try:
+        path.unlink()
+      except OSError as error:
+        raise PredictError(f"failed to remove {path} of an earlier prediction: {error}") from error
+      removed.append(name)
+  if removed:
+    logger.warning("removed %s of an earlier prediction in %s", ", ".join(removed), output_dir)
+  return removed
 
 
 def overview_title(report: dict[str, Any]) -> str:

@@ -64,7 +64,8 @@ report.json, schema 2.1. Every number is finite or null. Schema 2.1 adds
   model_input         {image_size, field_of_view_mm, rule}: the multitask model's input
   model               the multitask run: {workdir, step, stage, name, variant,
                       segmentation_classes, detection, classify_at_stride4, dtype,
-                      batch_size, dataset}, and `note` for runs trained on phantoms
+                      batch_size, dataset, config_sha256 (of the run's config.json,
+                      an id of its config)}, and `note` for runs trained on phantoms
   labels              the slice labels, in column order
   thresholds_from     where the slice thresholds come from (an evaluation file or
                       the default)
@@ -573,6 +574,7 @@ def _model_info(
       "dtype": str(model.get("dtype", "float32")),
       "batch_size": batch_size,
       "dataset": config.data.name,
+      "config_sha256": predict.config_sha256(checkpoint_dir),
   }
   if config.data.name.startswith("synthetic_ich"):
     info["note"] = (
@@ -851,6 +853,13 @@ def _write_outputs(
   blood = report["segmentation"]["volume_ml"]["any"]
   if blood is not None:
     title += f"; blood {blood:.1f} mL"
+  aggregator = report["aggregator"]
+  if aggregator is not None:
+    first = aggregator["labels"][0]
+    scan_label = aggregator["scan"][first]
+    if scan_label["probability"] is not None:
+      verdict = "positive" if scan_label["positive"] else "negative"
+      title += f"; scan {first} {verdict} ({scan_label['probability']:.2f}, aggregator)"
   overview.save_overview(
       square.hu,
       prediction.outputs["probabilities"],
@@ -898,10 +907,14 @@ def predict_scan(
   timer = StageTimer()
   checkpoint_dir = pathlib.Path(checkpoint_dir)
   output_dir = pathlib.Path(output_dir)
+  if batch_size < 1:
+    raise PredictError(f"batch_size must be a positive number of slices, got {batch_size}")
+  predict.check_output_dir(output_dir)
   if aggregator_dir is not None:
     aggregator_dir = pathlib.Path(aggregator_dir)
     check_aggregator_run(aggregator_dir)
   warnings: list[str] = []
+  predict.remove_earlier_outputs(output_dir)
 
   with timer.stage("read"):
     # The config alone, read as JSON, so that a scan too large fails before the restore.
