@@ -1,7 +1,5 @@
 """Tests of the FCOS head, its target assignment, loss and decoding."""
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -261,7 +259,6 @@ def test_loss_minimal_at_perfect_boxes():
 
 
 def test_head_overfits_fixed_neck():
-  start = time.perf_counter()
   channels = 16
   head = FCOSHead(channels, tower_depth=2, rngs=nnx.Rngs(0))
   neck = jax.random.normal(jax.random.key(3), (2, *FEATURE_SIZE, channels))
@@ -304,7 +301,6 @@ def test_head_overfits_fixed_neck():
   detections = [(decoded["boxes"][i], decoded["scores"][i], decoded["classes"][i]) for i in range(2)]
   result = average_precision(detections, [(boxes[i], classes[i]) for i in range(2)])
   assert result["map50"] == pytest.approx(1.0)
-  assert time.perf_counter() - start < 15.0
 
 
 # --------------------------------------------------------------- Decode ---
