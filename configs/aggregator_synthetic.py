@@ -15,7 +15,9 @@ fine-tune it. Build the scans, pretrain an encoder, then train and evaluate:
 The 14 CQ500 labels: `--config.aggregator.label_set=cq500
 --config.model.num_classes=14` on a dataset with a `cq500_labels` field.
 Variants: `synthetic` (the default, sized for a CPU) and `smoke` (a few steps
-on tiny data from a random encoder, for tests).
+of a small aggregator on the `scans` build above, for tests and for checking
+a chain of runs; see the README). Data of another image size needs
+`--config.model.image_size=N`.
 """
 
 import importlib.util
@@ -104,7 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.depthwise = "conv"
     config.data.augment = False
     config.data.slice_buckets = (4, 8)
-    config.model.image_size = 64
+    # The image size of the `scans` build; longer scans are subsampled to max_slices.
+    config.model.image_size = 128
     config.model.max_slices = 8
     config.model.aggregator_dim = 48
     config.model.aggregator.num_heads = 4

@@ -29,6 +29,7 @@ STAGE_BATCH_KEYS = hasattr(stages, "batch_keys")
 
 def _smoke_config(request, **changes) -> ml_collections.ConfigDict:
   path = request.config.rootpath / "configs" / "aggregator_synthetic.py"
+  changes = {"model.image_size": SIZE, **changes}  # the smoke config is sized for 128 px builds
   overrides = [f"--config.{key}={value}" for key, value in changes.items()]
   return config_file.load(f"{path}:smoke", overrides)
 

@@ -70,13 +70,44 @@ def test_studies_from_csv_paths_and_ids(tmp_path):
   assert [study.input for study in studies] == ["scans/a", "/data/b.nii.gz", "scans/c", "scans/d"]
   assert studies[0].path == table.parent / "scans" / "a"
   assert studies[1].path == pathlib.Path("/data/b.nii.gz")
-  assert studies[0].id == "a"
-  assert studies[1].id == "b"
-  assert studies[2].id == batch.safe_study_id("../up")
+  assert [study.id for study in studies] == ["a", "b", "../up", "a"]
+  assert studies[0].folder == "a"
+  assert studies[1].folder == "b"
+  assert studies[2].folder == batch.safe_study_id("../up")
   assert studies[2].series_uid == "1.2.3"
   assert studies[0].series_uid is None
   # The explicit id "a" repeats the default id of the first row.
-  assert studies[3].id == "a-2"
+  assert studies[3].folder == "a-2"
+
+
+def _finished_report(probability):
+  """A minimal report.json of a finished study, as `summary_row` reads it."""
+  scan = {"any": {"max_probability": probability, "positive": probability > 0.5}}
+  return {"labels": ["any"], "scan": scan, "timings_s": {"total": 1.5}}
+
+
+def test_restart_summary_keeps_ids_and_order(tmp_path, monkeypatch):
+  table = tmp_path / "studies.csv"
+  table.write_text(
+      "input,id\nscans/z,zeta\nscans/u,Ünïcødé 病人 ✓\nscans/a,alpha\n", encoding="utf-8"
+  )
+  studies = batch.studies_from_csv(table)
+  out = tmp_path / "out"
+  for number, study in enumerate(studies):
+    (out / study.folder).mkdir(parents=True)
+    report = _finished_report(0.25 * number)
+    (out / study.folder / "report.json").write_text(json.dumps(report))
+  monkeypatch.setattr(predict, "restore_runs", lambda *args, **kwargs: pytest.fail("restored"))
+
+  result = batch.run_batch("no_run_needed", studies, out, progress=False)
+
+  assert result.skipped == 3
+  rows = _read_summary(out / batch.SUMMARY_FILE)
+  assert [row["id"] for row in rows] == ["zeta", "Ünïcødé 病人 ✓", "alpha"]
+  assert rows[1]["folder"] == batch.safe_study_id("Ünïcødé 病人 ✓")
+  assert rows[1]["folder"] != rows[1]["id"]
+  assert [row["any_probability"] for row in rows] == ["0.0000", "0.2500", "0.5000"]
+  assert [row["input"] for row in rows] == ["scans/z", "scans/u", "scans/a"]
 
 
 def test_studies_from_csv_needs_input_column(tmp_path):
@@ -104,6 +135,7 @@ def test_discover_studies_folder_tree(tmp_path):
 
   studies = batch.discover_studies(root)
   assert [study.id for study in studies] == ["scan", "site1__p1", "site1__p2", "site2__p3__axial"]
+  assert [study.folder for study in studies] == [study.id for study in studies]
   assert studies[1].path == root / "site1" / "p1"
   assert studies[2].path == root / "site1" / "p2.nii.gz"
   with pytest.raises(batch.BatchError, match="no studies found"):
@@ -253,7 +285,7 @@ def test_batch_csv_summary_and_restart(runs, study_folder, nifti_scan, tmp_path,
       encoding="utf-8",
   )
   studies = batch.studies_from_csv(table)
-  dicom_id, nifti_id, missing_id = (study.id for study in studies)
+  dicom_id, nifti_id, missing_id = (study.folder for study in studies)
   out = work / "out"
   restores = _count_restores(monkeypatch)
 
@@ -268,14 +300,15 @@ def test_batch_csv_summary_and_restart(runs, study_folder, nifti_scan, tmp_path,
     assert written >= {"overview.png", "report.json", "segmentation.nii.gz"}
 
   rows = _read_summary(out / batch.SUMMARY_FILE)
-  assert [row["id"] for row in rows] == [dicom_id, nifti_id, missing_id]
+  assert [row["id"] for row in rows] == ["../../escaped study", "名前/../x", "missing"]
+  assert [row["folder"] for row in rows] == [dicom_id, nifti_id, missing_id]
   assert list(rows[0]) == list(batch.SUMMARY_COLUMNS)
   assert [row["status"] for row in rows] == ["ok", "ok", "failed"]
   assert "missing_folder does not exist" in rows[2]["error"]
   assert rows[2]["any_probability"] == ""
   dicom_report = json.loads((out / dicom_id / "report.json").read_text())
   for row in rows[:2]:
-    report = json.loads((out / row["id"] / "report.json").read_text())
+    report = json.loads((out / row["folder"] / "report.json").read_text())
     assert row["error"] == ""
     assert float(row["any_probability"]) == pytest.approx(
         report["scan"]["any"]["max_probability"], abs=1e-4
@@ -316,6 +349,7 @@ def test_batch_csv_summary_and_restart(runs, study_folder, nifti_scan, tmp_path,
   assert not list(out.glob(f"{batch.PARTIAL_PREFIX}*"))
   rows = _read_summary(out / batch.SUMMARY_FILE)
   assert [row["status"] for row in rows] == ["ok", "ok", "ok"]
+  assert [row["id"] for row in rows] == ["../../escaped study", "名前/../x", "missing"]
   assert rows[0]["any_probability"] == f"{dicom_report['scan']['any']['max_probability']:.4f}"
 
   # Everything finished: nothing is restored or predicted.
@@ -343,13 +377,14 @@ def test_batch_folder_tree_with_aggregator(runs, study_folder, nifti_scan, tmp_p
   assert "2 studies: 2 ok (0 finished before), 0 failed" in capsys.readouterr().out
   assert restores == [multitask_dir, aggregator_dir]
   rows = _read_summary(out / batch.SUMMARY_FILE)
-  assert [row["id"] for row in rows] == ["patient2", batch.safe_study_id("ward__patient 1")]
+  assert [row["id"] for row in rows] == ["patient2", "ward__patient 1"]
+  assert [row["folder"] for row in rows] == ["patient2", batch.safe_study_id("ward__patient 1")]
   for row in rows:
-    report = json.loads((out / row["id"] / "report.json").read_text())
+    report = json.loads((out / row["folder"] / "report.json").read_text())
     aggregator = report["aggregator"]
     positive = [name for name in aggregator["labels"] if aggregator["scan"][name]["positive"]]
     assert row["aggregator_positive_labels"] == ";".join(positive)
-  assert json.loads((out / rows[1]["id"] / "report.json").read_text())["shape"][0] == 10
+  assert json.loads((out / rows[1]["folder"] / "report.json").read_text())["shape"][0] == 10
 
 
 @pytest.mark.slow

@@ -58,6 +58,44 @@ def test_newer_schema_rejected(tmp_path):
     serve.read_manifest(tmp_path)
 
 
+INPUT_MANIFEST = {"input": {"shape": [None, 8, 8, 3], "range": [-1.0, 1.0]}}
+
+
+def test_input_values_checked_against_range():
+  images = np.zeros((2, 8, 8, 3), np.float32)
+  serve.check_input_values(images, INPUT_MANIFEST)
+  images[0, 0, 0] = 1.0 + serve.INPUT_RANGE_TOLERANCE / 2  # rounding is tolerated
+  serve.check_input_values(images, INPUT_MANIFEST)
+  cases = [
+      (np.nan, r"1 NaN or infinite values; expected windowed images in \[-1, 1\]"),
+      (np.inf, "1 NaN or infinite values"),
+      (500.0, r"values from 0 to 500; expected windowed images in \[-1, 1\]"),
+      (-1.01, r"values from -1.01 to"),
+  ]
+  for value, message in cases:
+    bad = np.zeros((2, 8, 8, 3), np.float32)
+    bad[1, 2, 3, 0] = value
+    with pytest.raises(serve.ServeError, match=message):
+      serve.check_input_values(bad, INPUT_MANIFEST)
+  # The range comes from the manifest.
+  with pytest.raises(serve.ServeError, match=r"expected windowed images in \[0, 1\]"):
+    serve.check_input_values(np.full((1, 8, 8, 3), -0.5, np.float32),
+                             {"input": {"range": [0.0, 1.0]}})
+
+
+def test_bad_values_rejected_before_program_runs():
+  model = object.__new__(serve.ExportedModel)
+  model.directory = "exported"
+  model.manifest = INPUT_MANIFEST
+  model.batch_size = 2
+  model._scan_call = None
+  model._slice_call = lambda batch: pytest.fail("the program ran on invalid input")
+  for value in (np.nan, 500.0):
+    images = np.full((3, 8, 8, 3), value, np.float32)
+    with pytest.raises(serve.ServeError, match=r'manifest\["input"\]'):
+      model(images)
+
+
 def test_export_rejects_other_stages(request, tmp_path):
   from uem_ich_jax.train import config_file
 
@@ -167,6 +205,10 @@ def test_wrong_shape_names_expected_shape(exported):
     model(np.zeros((64, 64, 3), np.float32))
   with pytest.raises(serve.ServeError, match="dtype uint8, expected float32"):
     model(np.zeros((1, 64, 64, 3), np.uint8))
+  with pytest.raises(serve.ServeError, match="NaN or infinite"):
+    model(np.full((1, 64, 64, 3), np.nan, np.float32))
+  with pytest.raises(serve.ServeError, match="values from 500 to 500"):
+    model.predict_scan(np.full((2, 64, 64, 3), 500.0, np.float32))
 
 
 SERVE_WITHOUT_TRAINING_CODE = """

@@ -334,7 +334,8 @@ def test_class_id_variants_store_six_mask_classes(built):
 SMOKE_PAIRS = [
     ("classification_synthetic.py", "physionet_ct_ich_slices", {}),
     ("multitask_synthetic.py", "bhsd_slices", {"init_from": "random"}),
-    ("aggregator_synthetic.py", "rsna_ich_scans", {}),
+    ("aggregator_synthetic.py", "rsna_ich_scans",
+     {"model.image_size": variants.VARIANT_IMAGE_SIZE}),
 ]
 
 

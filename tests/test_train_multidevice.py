@@ -287,6 +287,7 @@ CACHE_SCRIPT = textwrap.dedent(
           f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
           "--config.min_shard_size=256", "--config.data.batch_size=8",
           "--config.data.eval_batch_size=8", "--config.aggregator.cache_tokens=1",
+          "--config.model.image_size=64",
       ])
       setup = trainer.build(config, devices)
       state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()

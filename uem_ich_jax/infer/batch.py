@@ -5,27 +5,30 @@ Studies come from one of two sources:
   CSV     A header row with the column `input` and the optional columns
           `id` and `series_uid`. `input` is a DICOM folder or file, or a
           NIfTI file, and a relative path is taken from the CSV file's
-          folder. `id` names the study's output folder (default: the
-          input's name without .nii/.nii.gz). `series_uid` is the DICOM
-          series to read (default: the CQ500 series rule).
+          folder. `id` names the study (default: the input's name without
+          .nii/.nii.gz). `series_uid` is the DICOM series to read (default:
+          the CQ500 series rule). Studies keep the CSV's row order.
   folder  With `--batch`, every NIfTI file (.nii, .nii.gz) under the folder
           is a study. So is every leaf folder (one without subfolders)
           that contains a DICOM file, which is a file named .dcm, .dicom,
           .dic or .ima, or one with "DICM" at byte 128. Links are followed,
-          and each folder is visited once. A study's id is its path
-          relative to the folder, with "/" written as "__". A study whose
+          and each folder is visited once. Studies are listed depth first
+          by name, as a file manager lists the tree: a folder's files and
+          subfolders in one name order. A study's id is its path relative
+          to the folder, with "/" written as "__". A study whose
           series sit in separate subfolders therefore becomes one study per
           series folder, so list such a study folder in a CSV instead to
           choose among its series.
 
-Outputs go to OUT/<id>/ (the files of a single-scan prediction) and
-OUT/summary.csv (`SUMMARY_COLUMNS`, one row per study). Ids are made safe as
-folder names by `safe_study_id`, so every output stays inside OUT whatever
-the input names contain.
+Outputs go to OUT/<folder>/ (the files of a single-scan prediction) and
+OUT/summary.csv (`SUMMARY_COLUMNS`, one row per study, in study order). The
+folder is the id made safe by `safe_study_id`, so every output stays inside
+OUT whatever the ids contain. The summary gives both the id as given and its
+folder.
 
-Restart: a study is predicted into OUT/.partial-<id>/ and renamed to
-OUT/<id>/ only after its report.json is written, so OUT/<id>/report.json
-exists only for a finished study. Running the same command again skips
+Restart: a study is predicted into OUT/.partial-<folder>/ and renamed to
+OUT/<folder>/ only after its report.json is written, so
+OUT/<folder>/report.json exists only for a finished study. Running the same command again skips
 those studies (their summary rows are rebuilt from report.json) and
 predicts the rest, failed and half-written ones included.
 
@@ -61,6 +64,7 @@ logger = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.csv"
 SUMMARY_COLUMNS = (
     "id",
+    "folder",
     "input",
     "series_uid",
     "status",
@@ -93,12 +97,15 @@ class Study:
   """One study of a batch.
 
   Attributes:
-    id: the output folder name under OUT, already safe (`safe_study_id`).
+    folder: the output folder name under OUT: `id` made safe by
+      `safe_study_id`, and suffixed with -2, -3, ... when it repeats.
+    id: the study id as given (CSV) or derived from the input's path.
     input: the scan path as given (CSV) or found (folder tree).
     path: `input` resolved against the CSV's folder.
     series_uid: the DICOM series to read, or None for the series rule.
   """
 
+  folder: str
   id: str
   input: str
   path: pathlib.Path
@@ -127,20 +134,21 @@ def safe_study_id(name: str) -> str:
   return f"{cleaned}-{digest}" if cleaned else f"study-{digest}"
 
 
-def _unique_ids(studies: list[Study]) -> list[Study]:
-  """Suffix repeated ids with -2, -3, ... (case-insensitively, for macOS and Windows disks)."""
+def _unique_folders(studies: list[Study]) -> list[Study]:
+  """Suffix repeated folders with -2, -3, ... (case-insensitively, for macOS and Windows disks)."""
   seen: set[str] = set()
   unique = []
   for study in studies:
-    study_id = study.id
+    folder = study.folder
     count = 1
-    while study_id.casefold() in seen:
+    while folder.casefold() in seen:
       count += 1
-      study_id = f"{study.id}-{count}"
-    if study_id != study.id:
-      logger.warning("study id %r repeats; %s is written to %s", study.id, study.input, study_id)
-    seen.add(study_id.casefold())
-    unique.append(dataclasses.replace(study, id=study_id))
+      folder = f"{study.folder}-{count}"
+    if folder != study.folder:
+      logger.warning("study folder %r repeats; %s (id %r) is written to %s", study.folder,
+                     study.input, study.id, folder)
+    seen.add(folder.casefold())
+    unique.append(dataclasses.replace(study, folder=folder))
   return unique
 
 
@@ -180,8 +188,8 @@ def studies_from_csv(path: str | os.PathLike) -> list[Study]:
       continue  # A blank line.
     name = (row.get("id") or "").strip() or _default_name(text)
     series_uid = (row.get("series_uid") or "").strip() or None
-    studies.append(Study(safe_study_id(name), text, path.parent / text, series_uid))
-  return _unique_ids(studies)
+    studies.append(Study(safe_study_id(name), name, text, path.parent / text, series_uid))
+  return _unique_folders(studies)
 
 
 def _holds_dicom(folder: pathlib.Path, names: Sequence[str]) -> bool:
@@ -208,7 +216,7 @@ def _is_nifti_name(name: str) -> bool:
 
 
 def discover_studies(root: str | os.PathLike) -> list[Study]:
-  """Find the studies of a folder tree by the rule in this module's docstring, sorted by path."""
+  """Find the studies of a folder tree by the rule in this module's docstring, in tree order."""
   root = pathlib.Path(root)
   if not root.is_dir():
     raise BatchError(f"{root}: not a folder; --batch needs a folder of studies (or pass a CSV)")
@@ -236,14 +244,17 @@ def discover_studies(root: str | os.PathLike) -> list[Study]:
         f"{root}: no studies found: no NIfTI files, and no folder without subfolders that"
         " contains DICOM files (.dcm, .dicom, .dic, .ima, or a DICM header)"
     )
-  studies.sort(key=lambda study: study.input)
-  return _unique_ids(studies)
+  # By path components, not the path string, so that "a/b" stays next to "a"
+  # and before "a-b", whatever the characters sort as.
+  studies.sort(key=lambda study: pathlib.PurePath(study.input).parts)
+  return _unique_folders(studies)
 
 
 def _found_study(root: pathlib.Path, relative: pathlib.PurePath) -> Study:
   parts = list(relative.parts) or [root.name]
   parts[-1] = _default_name(parts[-1])
-  return Study(safe_study_id("__".join(parts)), str(root / relative), root / relative)
+  study_id = "__".join(parts)
+  return Study(safe_study_id(study_id), study_id, str(root / relative), root / relative)
 
 
 # ---------------------------------------------------------------- Rows ---
@@ -257,7 +268,8 @@ def summary_row(study: Study, report: dict[str, Any] | None, seconds: float | No
                 error: str = "") -> dict[str, str]:
   """Return the summary.csv row of a study: from its report, or with the error when it failed."""
   row = {column: "" for column in SUMMARY_COLUMNS}
-  row.update(id=study.id, input=study.input, series_uid=study.series_uid or "")
+  row.update(id=study.id, folder=study.folder, input=study.input,
+             series_uid=study.series_uid or "")
   row["seconds"] = _format(seconds, 2)
   if report is None:
     row.update(status="failed", error=error)
@@ -318,8 +330,8 @@ def _predict_study(
     study: Study, output_dir: pathlib.Path, runs: Any, options: dict[str, Any]
 ) -> dict[str, Any]:
   """Predict one study into a temporary folder and rename it into place when complete."""
-  final = output_dir / study.id
-  partial = output_dir / f"{PARTIAL_PREFIX}{study.id}"
+  final = output_dir / study.folder
+  partial = output_dir / f"{PARTIAL_PREFIX}{study.folder}"
   shutil.rmtree(partial, ignore_errors=True)
   report = predict.predict(
       options["checkpoint_dir"],
@@ -347,9 +359,9 @@ def run_batch(
     progress: bool | None = None,
     max_voxels: int | None = None,
 ) -> BatchResult:
-  """Predict every study into OUTPUT/<id>/ and write OUTPUT/summary.csv after each one.
+  """Predict every study into OUTPUT/<folder>/ and write OUTPUT/summary.csv after each one.
 
-  Studies with a valid OUTPUT/<id>/report.json are skipped. `progress` shows
+  Studies with a valid OUTPUT/<folder>/report.json are skipped. `progress` shows
   a tqdm bar on stderr (None: only when stderr is a terminal). `max_voxels`
   is the largest scan read (None: the run's config, see
   `predict.voxel_limit`); a larger study fails with its size in the summary.
@@ -377,8 +389,8 @@ def run_batch(
   bar = tqdm.tqdm(studies, unit="study", disable=None if progress is None else not progress)
   with tqdm_logging.logging_redirect_tqdm(), bar:
     for study in bar:
-      bar.set_postfix_str(study.id[:30])
-      report = finished_report(output_dir / study.id)
+      bar.set_postfix_str(study.folder[:30])
+      report = finished_report(output_dir / study.folder)
       if report is not None:
         result.skipped += 1
         seconds = (report.get("timings_s") or {}).get("total")
@@ -398,7 +410,7 @@ def run_batch(
       except Exception as error:  # pylint: disable=broad-except
         # One bad study must not stop the batch; the error goes to the summary.
         message = f"{type(error).__name__}: {error}"
-        logger.error("study %s (%s) failed: %s", study.id, study.input, message,
+        logger.error("study %r (%s) failed: %s", study.id, study.input, message,
                      exc_info=not isinstance(error, InputError))
         result.rows.append(summary_row(study, None, time.perf_counter() - start, message))
       else:

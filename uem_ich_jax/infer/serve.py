@@ -37,6 +37,12 @@ MANIFEST_FILE = "manifest.json"
 SLICE_MODEL_FILE = "slice_model.stablehlo"
 SCAN_HEAD_FILE = "scan_head.stablehlo"
 SCAN_MODEL_FILE = "scan_model.stablehlo"
+# Input range when a manifest states none; exports write it as input.range.
+DEFAULT_INPUT_RANGE = (-1.0, 1.0)
+# Values this far outside the input range still pass, for float rounding in
+# the caller's windowing and resizing. Anything further is another scaling
+# (HU, 0-255 levels), on which the model's outputs mean nothing.
+INPUT_RANGE_TOLERANCE = 1e-3
 
 
 class ServeError(InputError):
@@ -82,6 +88,26 @@ def _load_program(path: pathlib.Path, manifest: dict[str, Any]) -> jax.export.Ex
         " JAX_PLATFORMS to one of the exported platforms"
     )
   return exported
+
+
+def check_input_values(images: np.ndarray, manifest: dict[str, Any]) -> None:
+  """Raise ServeError unless every value of `images` is finite and inside the input range.
+
+  The range is `manifest["input"]["range"]`, widened by `INPUT_RANGE_TOLERANCE`.
+  """
+  low, high = (manifest.get("input") or {}).get("range") or DEFAULT_INPUT_RANGE
+  expected = (
+      f"expected windowed images in [{low:g}, {high:g}] (see manifest[\"input\"]: each"
+      " window scaled from uint8 levels to that range)"
+  )
+  finite = np.isfinite(images)
+  if not finite.all():
+    count = int(images.size - np.count_nonzero(finite))
+    raise ServeError(f"images contain {count:,} NaN or infinite values; {expected}")
+  smallest = float(images.min())
+  largest = float(images.max())
+  if smallest < low - INPUT_RANGE_TOLERANCE or largest > high + INPUT_RANGE_TOLERANCE:
+    raise ServeError(f"images have values from {smallest:g} to {largest:g}; {expected}")
 
 
 def even_slice_indices(num_slices: int, count: int) -> np.ndarray:
@@ -136,13 +162,16 @@ class ExportedModel:
           f"images have dtype {images.dtype}, expected float32 windowed to [-1, 1]"
           " (see manifest input.windows)"
       )
-    return images.astype(np.float32, copy=False)
+    images = images.astype(np.float32, copy=False)
+    check_input_values(images, self.manifest)
+    return images
 
   def __call__(self, images: Any) -> dict[str, np.ndarray]:
     """Run the slice model on (N, H, W, 3) images and return the outputs with N rows each.
 
     Raises:
-      ServeError: images of another shape than the manifest's input, or not floats.
+      ServeError: images of another shape than the manifest's input, not
+        floats, not finite, or outside the manifest's input range.
     """
     images = self._check_images(images)
     count = images.shape[0]
