@@ -3,7 +3,6 @@
 import dataclasses
 import logging
 import os
-import pathlib
 import random
 import re
 import shutil
@@ -20,6 +19,7 @@ import pytest
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
+import dcm2niix_tool
 import dicom_factory
 from uem_ich_jax.ct import AIR_HU, CTReadError
 from uem_ich_jax.ct import dicom
@@ -29,15 +29,6 @@ from uem_ich_jax.ct.dicom_write import write_dicom_series
 from uem_ich_jax.ct import inspect as ct_inspect
 from uem_ich_jax.ct.inspect import inspect_path
 from uem_ich_jax.ct.volume import apply_air_floor
-
-DCM2NIIX = pathlib.Path(__file__).resolve().parents[1] / ".venv" / "bin" / "dcm2niix"
-
-
-def _dcm2niix() -> str:
-  found = shutil.which("dcm2niix") or (str(DCM2NIIX) if DCM2NIIX.exists() else None)
-  if found is None:
-    pytest.skip("dcm2niix binary not found (pip install dcm2niix)")
-  return found
 
 
 # -- Writer -------------------------------------------------------------------
@@ -123,7 +114,7 @@ def test_writer_rejects_out_of_range_hu(tmp_path):
 
 
 def test_writer_output_read_by_dcm2niix(tmp_path):
-  binary = _dcm2niix()
+  binary = dcm2niix_tool.binary()
   volume = dicom_factory.make_volume(num_slices=4, rows=8, columns=9, tilt_deg=10.0)
   write_dicom_series(volume, tmp_path / "dicom", series_description="tilted")
   out = tmp_path / "nifti"

@@ -7,13 +7,12 @@ the source. The real-scan tests compare with dcm2niix's tilt-corrected output.
 
 import dataclasses
 import pathlib
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+import dcm2niix_tool
 from uem_ich_jax.ct import nifti, resample
 from uem_ich_jax.ct.volume import AIR_HU, CTVolume, Provenance
 
@@ -380,21 +379,11 @@ def test_resampled_volume_nifti_round_trip(tmp_path):
 # --- real scans compared with dcm2niix ---
 
 
-def find_dcm2niix() -> str:
-  beside_python = pathlib.Path(sys.executable).parent / "dcm2niix"
-  if beside_python.is_file():
-    return str(beside_python)
-  found = shutil.which("dcm2niix")
-  if found is None:
-    pytest.skip("dcm2niix not installed (pip install dcm2niix)")
-  return found
-
-
 def run_dcm2niix(folder: pathlib.Path, output: pathlib.Path, pattern: str) -> pathlib.Path:
   """Convert one series with dcm2niix and return the one output matching `pattern`."""
   output.mkdir(parents=True, exist_ok=True)
   subprocess.run(
-      [find_dcm2niix(), "-z", "n", "-f", "%s_%d", "-o", str(output), str(folder)],
+      [dcm2niix_tool.binary(), "-z", "n", "-f", "%s_%d", "-o", str(output), str(folder)],
       check=True,
       capture_output=True,
       timeout=120,

@@ -1,15 +1,13 @@
 """Tests of the synthetic head-CT generator: anatomy, bleeds, ground truth, writing, realism."""
 
 import hashlib
-import pathlib
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
+import dcm2niix_tool
 from uem_ich_jax import CQ500_LABELS, MASK_CLASS_IDS, SLICE_LABELS, SUBTYPES
 from uem_ich_jax.ct.dicom import read_dicom_series
 from uem_ich_jax.ct.nifti import read_nifti, read_nifti_pair
@@ -353,22 +351,12 @@ def test_nifti_round_trip(tmp_path, scans_per_subtype):
   np.testing.assert_array_equal(mask, scan.mask)
 
 
-def _dcm2niix() -> str:
-  found = pathlib.Path(sys.executable).parent / "dcm2niix"
-  if found.exists():
-    return str(found)
-  on_path = shutil.which("dcm2niix")
-  if on_path is None:
-    pytest.skip("dcm2niix not installed (pip install dcm2niix)")
-  return on_path
-
-
 @pytest.mark.parametrize("tilt_deg", [0.0, 12.0])
 def test_dcm2niix_converts_written_series(tmp_path, tilt_deg):
   scan = generate_scan(9, (8, 96, 96), spacing_mm=(5.0, 2.4, 2.4), tilt_deg=tilt_deg)
   write_dicom(scan, tmp_path / "series")
   result = subprocess.run(
-      [_dcm2niix(), "-z", "n", "-f", "out", "-o", str(tmp_path), str(tmp_path / "series")],
+      [dcm2niix_tool.binary(), "-z", "n", "-f", "out", "-o", str(tmp_path), str(tmp_path / "series")],
       capture_output=True,
       text=True,
       check=False,

@@ -8,10 +8,7 @@ Known blocks of blood are added to the model's mask, so the files are not empty.
 """
 
 import json
-import pathlib
-import shutil
 import subprocess
-import sys
 
 import highdicom
 import nibabel
@@ -19,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
+import dcm2niix_tool
 from uem_ich_jax import clinical, ct
 from uem_ich_jax.infer import predict, scan_predict
 
@@ -33,16 +31,6 @@ EXPECTED = {
 # The sform is float32, so affines written to NIfTI agree to about 1e-4 mm;
 # 2e-3 mm leaves room for dcm2niix's own float32 arithmetic.
 AFFINE_TOLERANCE_MM = 2e-3
-
-
-def _dcm2niix() -> str:
-  beside_python = pathlib.Path(sys.executable).parent / "dcm2niix"
-  if beside_python.is_file():
-    return str(beside_python)
-  found = shutil.which("dcm2niix")
-  if found is None:
-    pytest.skip("dcm2niix not installed (pip install dcm2niix)")
-  return found
 
 
 def _add_known_blood(mask_to_source, recorded):
@@ -89,7 +77,7 @@ def results(runs, real_ct_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dcm2niix_corrected(real_ct_dir, tmp_path_factory):
   """dcm2niix's tilt-corrected (and, for GE, equalised) conversion of each series, read back."""
-  binary = _dcm2niix()
+  binary = dcm2niix_tool.binary()
   corrected = {}
   for name in (GE, PHILIPS):
     output = tmp_path_factory.mktemp(f"dcm2niix_{name}")

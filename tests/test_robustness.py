@@ -60,10 +60,9 @@ def test_wrapped_12bit_unwrapped_on_request(tmp_path):
   np.testing.assert_array_equal(from_files.hu, volume.hu)
 
 
-def test_unwrap_leaves_air_capable_slices(tmp_path):
-  # Slices with intercept -1024 can store air, so unwrap_12bit does not touch them.
-  volume = dicom_factory.make_volume(num_slices=2)
-  paths = write_dicom_series(volume, tmp_path)
+def _write_unsigned_12bit_with_air(volume, folder):
+  """Write `volume` as 12-bit unsigned slices with intercept -1024, which can store air."""
+  paths = write_dicom_series(volume, folder)
   for path, hu in zip(paths, volume.hu):
 
     def edit(dataset, hu=hu):
@@ -73,6 +72,12 @@ def test_unwrap_leaves_air_capable_slices(tmp_path):
       dataset.RescaleIntercept = "-1024"
 
     dicom_factory.edit_file(path, edit)
+
+
+def test_unwrap_leaves_air_capable_slices(tmp_path):
+  # Slices with intercept -1024 can store air, so unwrap_12bit does not touch them.
+  volume = dicom_factory.make_volume(num_slices=2)
+  _write_unsigned_12bit_with_air(volume, tmp_path)
   read = read_dicom_series(tmp_path, unwrap_12bit=True)
   np.testing.assert_array_equal(read.hu, volume.hu)
   assert read.provenance.warnings == ()
@@ -98,16 +103,7 @@ def test_unwrapped_padding_compared_as_stored(tmp_path):
 
 def test_unsigned_12bit_with_air_intercept_no_warning(tmp_path):
   volume = dicom_factory.make_volume(num_slices=2)
-  paths = write_dicom_series(volume, tmp_path)
-  for path, hu in zip(paths, volume.hu):
-
-    def edit(dataset, hu=hu):
-      dicom_factory.set_stored_values(
-          dataset, hu.astype(np.int64) + 1024, bits_stored=12, pixel_representation=0
-      )
-      dataset.RescaleIntercept = "-1024"
-
-    dicom_factory.edit_file(path, edit)
+  _write_unsigned_12bit_with_air(volume, tmp_path)
   read = read_dicom_series(tmp_path)
   np.testing.assert_array_equal(read.hu, volume.hu)
   assert read.provenance.warnings == ()
