@@ -259,3 +259,31 @@ def test_predict_removes_earlier_outputs(smoke_run, phantom_series, tmp_path):
   assert not (tmp_path / "report.html").exists()
   assert (tmp_path / "notes.txt").read_text() == "the user's own file"
   assert (tmp_path / predict.REPORT_FILE).is_file()
+
+
+def test_overview_draws_boxes_in_cyan():
+  hu = np.zeros((3, 64, 64), np.float32)
+  probs = np.full((3, 6), 0.1)
+  boxes = [np.zeros((0, 4)), np.array([[8.0, 16.0, 40.0, 48.0]]), np.zeros((0, 4))]
+  with_boxes = np.asarray(overview.render_overview(hu, probs, {"any": 0.5}, boxes=boxes))
+  without = np.asarray(overview.render_overview(hu, probs, {"any": 0.5}))
+  assert np.all(with_boxes == overview.BOX, axis=-1).sum() > 0
+  assert np.all(without == overview.BOX, axis=-1).sum() == 0
+
+
+def test_overview_rejects_boxes_per_slice_mismatch():
+  with pytest.raises(overview.OverviewError, match="one array of boxes per slice"):
+    overview.render_overview(
+        np.zeros((3, 8, 8)), np.zeros((3, 6)), {"any": 0.5}, boxes=[np.zeros((0, 4))]
+    )
+
+
+def test_probability_bar_heights_and_colours():
+  bar = np.asarray(overview.probability_bar(np.array([0.25, 0.75]), 0.5, 100, overview._font(10)))
+  left, right = bar[:, :50], bar[:, 50:]
+  # Grey bar of a quarter of the height on the left, red of three quarters on the right.
+  left_rows = np.flatnonzero(np.all(left == overview.BAR, axis=-1).any(axis=1))
+  right_rows = np.flatnonzero(np.all(right == overview.HIGHLIGHT, axis=-1).any(axis=1))
+  assert np.all(left == overview.HIGHLIGHT, axis=-1).sum() == 0
+  assert abs(len(left_rows) - 0.25 * overview.BAR_HEIGHT) <= 2
+  assert abs(len(right_rows) - 0.75 * overview.BAR_HEIGHT) <= 2

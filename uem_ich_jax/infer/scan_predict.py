@@ -867,10 +867,27 @@ def _write_outputs(
       output_dir / predict.OVERVIEW_FILE,
       title=title,
       mask=mask_to_square(prediction.outputs["mask"], prediction.grid),
+      boxes=_square_boxes(report, prediction.grid),
   )
   report_html.write_report_html(
       output_dir / report_html.HTML_FILE, report, square.hu, prediction.outputs["mask"]
   )
+
+
+def _square_boxes(report: dict[str, Any], grid: ModelGrid) -> list[np.ndarray] | None:
+  """Return each slice's boxes on the square field of view's pixels, or None without detection."""
+  if report["detection"] is None:
+    return None
+  rows, columns = (pixels / grid.image_size for pixels in grid.pixels)
+  scale = np.array([rows, columns, rows, columns])
+  boxes = []
+  for entry in report["slices"]:
+    model_px = [
+        [np.nan if value is None else value for value in box["box_model_px"]]
+        for box in entry["boxes"]
+    ]
+    boxes.append(np.array(model_px, np.float64).reshape(-1, 4) * scale)
+  return boxes
 
 
 def predict_scan(
