@@ -388,3 +388,9 @@ def test_load_source_of_unbuilt_dataset_names_the_build_command(tmp_path):
 def test_load_source_of_unknown_dataset(tmp_path):
   with pytest.raises(data.DataPipelineError, match="no_such_set"):
     data.load_source("no_such_set/slices", data_dir=str(tmp_path))
+
+
+def test_load_source_names_unbuilt_dataset(tmp_path, caplog):
+  with pytest.raises(InputError, match="not built .*uem-ich build-dataset synthetic_ich --config=slices"):
+    data.load_source("synthetic_ich/slices", data_dir=str(tmp_path / "tfds"))
+  assert "dataset_info.json" not in caplog.text

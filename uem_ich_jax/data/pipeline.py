@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import pathlib
 import pkgutil
 from collections.abc import Sequence
 from typing import Any
@@ -62,6 +63,18 @@ def load_source(name: str, *, split: str = "train", data_dir: str | None = None)
     if error.name != f"uem_ich_jax.datasets.{dataset}":
       raise
     # Not one of this project's builders: TFDS may still know it.
+  build_command = f"uem-ich build-dataset {dataset}"
+  if config:
+    build_command += f" --config={config}"
+  if data_dir is not None and dataset in project_builders():
+    # Checked before TFDS looks, because TFDS logs a warning about a missing
+    # dataset_info.json that misleads when nothing was ever built there.
+    folder = pathlib.Path(data_dir) / dataset / config if config else pathlib.Path(data_dir) / dataset
+    if not folder.is_dir():
+      raise DataPipelineError(
+          f"dataset {name!r} is not built in {data_dir} (no folder {folder});"
+          f" build it first: {build_command} --data-dir={data_dir}"
+      )
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as error:
@@ -71,9 +84,6 @@ def load_source(name: str, *, split: str = "train", data_dir: str | None = None)
         f" are {project_builders()}."
     ) from error
   if not builder.is_prepared():
-    build_command = f"uem-ich build-dataset {dataset}"
-    if config:
-      build_command += f" --config={config}"
     raise DataPipelineError(
         f"dataset {name!r} is not built in {builder.data_dir_root};"
         f" build it first: {build_command} --data-dir={builder.data_dir_root}"
