@@ -30,9 +30,9 @@ a table of some GPUs' dense bfloat16 peaks).
 from __future__ import annotations
 
 # TODO: on 2-core CPUs our training step runs at 0.78x to 0.85x timm's images/s
-# and inference at 0.7x to 0.8x; the targets are 1x and 1.5x. Blocks of stages 2
-# to 4 are 10-25% slower than timm's (experiments/BENCHMARKS.md); profile them
-# per HLO op.
+# and inference at 0.7x to 0.8x. The targets are 1x and 1.5x. Blocks of stages 2
+# to 4 are 10-25% slower than timm's (experiments/BENCHMARKS.md), so profile
+# them per HLO op.
 
 import argparse
 import importlib.util

@@ -194,7 +194,7 @@ def _check_scaling(header: nibabel.Nifti1Header, path: pathlib.Path) -> None:
   """Reject a finite nonzero scl_slope with a non-finite scl_inter, because the values are unknown.
 
   A scl_slope of 0, NaN or infinity means no scaling, so its scl_inter is
-  unused. NIfTI-1 says so for slope 0, and nibabel 5.4 (`get_slope_inter`)
+  unused. The NIfTI-1 standard states this for slope 0, and nibabel 5.4 (`get_slope_inter`)
   extends it to non-finite slopes.
   """
   slope = float(header["scl_slope"])

@@ -321,7 +321,7 @@ RULE = (
 
 @dataclasses.dataclass(frozen=True)
 class SeriesChoice:
-  """Which series of a DICOM folder was read, and why each other series was not.
+  """The series of a DICOM folder that was read, and why each other series was not.
 
   Attributes:
     chosen_by: "only series" (the folder contains one), "series_uid" (requested

@@ -194,7 +194,7 @@ def studies_from_csv(path: str | os.PathLike) -> list[Study]:
 
 def _holds_dicom(folder: pathlib.Path, names: Sequence[str]) -> bool:
   # NOTE: a folder whose files have no DICOM suffix and no preamble (raw datasets) is not
-  # found; the DICOM reader accepts such files, so list that folder in a CSV instead.
+  # found. The DICOM reader accepts such files, so list that folder in a CSV instead.
   for name in names:
     if name.startswith("."):
       continue
