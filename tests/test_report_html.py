@@ -481,7 +481,7 @@ def tab(tmp_path_factory):
 
 
 def _wait_for(tab, condition, timeout_s=5.0):
-  """Poll the page state until `condition(state)` holds or `timeout_s` passes, and return it."""
+  """Poll the page state until `condition(state)` is true or `timeout_s` passes, and return it."""
   deadline = time.monotonic() + timeout_s
   while True:
     state = json.loads(tab.state())

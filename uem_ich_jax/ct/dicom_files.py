@@ -11,7 +11,7 @@ import logging
 import os
 import pathlib
 import warnings as python_warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -41,6 +41,23 @@ _HEADER_TAGS = (
 )
 
 
+def walk_once(path: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+  """Walk `path` like `os.walk`, following links but entering each real folder once.
+
+  A link back to a folder already walked (a loop, or two links to one folder)
+  is skipped with everything below it. Callers may sort or prune the yielded
+  folder list in place, as with `os.walk`.
+  """
+  visited = set()
+  for root, folders, names in os.walk(path, followlinks=True):
+    real_root = os.path.realpath(root)
+    if real_root in visited:
+      folders[:] = []
+      continue
+    visited.add(real_root)
+    yield root, folders, names
+
+
 def _candidate_files(path: pathlib.Path) -> list[pathlib.Path]:
   """List the regular files at or under `path`, following links and visiting each folder once.
 
@@ -54,14 +71,7 @@ def _candidate_files(path: pathlib.Path) -> list[pathlib.Path]:
       raise CTReadError(f"{path}: not a regular file or folder")
     raise CTReadError(f"{path}: no such file or folder")
   files = []
-  visited = set()
-  for root, folders, names in os.walk(path, followlinks=True):
-    real_root = os.path.realpath(root)
-    if real_root in visited:
-      # A link back to a folder already walked (a loop, or two links to one folder).
-      folders[:] = []
-      continue
-    visited.add(real_root)
+  for root, _, names in walk_once(path):
     for name in names:
       candidate = pathlib.Path(root) / name
       if candidate.is_file():

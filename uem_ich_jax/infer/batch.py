@@ -56,6 +56,7 @@ from typing import Any
 import tqdm
 from tqdm.contrib import logging as tqdm_logging
 
+from uem_ich_jax.ct import dicom_files
 from uem_ich_jax.errors import InputError
 from uem_ich_jax.infer import predict
 
@@ -221,14 +222,7 @@ def discover_studies(root: str | os.PathLike) -> list[Study]:
   if not root.is_dir():
     raise BatchError(f"{root}: not a folder; --batch needs a folder of studies (or pass a CSV)")
   studies = []
-  visited = set()
-  for folder, subfolders, names in os.walk(root, followlinks=True):
-    real = os.path.realpath(folder)
-    if real in visited:
-      # A link back to a folder already walked (a loop, or two links to one folder).
-      subfolders[:] = []
-      continue
-    visited.add(real)
+  for folder, subfolders, names in dicom_files.walk_once(root):
     subfolders.sort()
     names.sort()
     folder = pathlib.Path(folder)

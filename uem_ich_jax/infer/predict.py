@@ -491,9 +491,7 @@ def predict(
 
   checkpoint_dir = pathlib.Path(checkpoint_dir)
   output_dir = pathlib.Path(output_dir)
-  if batch_size is not None and batch_size < 1:
-    raise PredictError(f"batch_size must be a positive number of slices, got {batch_size}")
-  check_output_dir(output_dir)
+  check_request(output_dir, batch_size)
   if runs is None:
     stage = _check_stages(checkpoint_dir, aggregator_dir)
   else:
@@ -577,8 +575,14 @@ def config_sha256(workdir: pathlib.Path) -> str | None:
     return None
 
 
-def check_output_dir(output_dir: pathlib.Path) -> None:
-  """Raise PredictError when `output_dir` exists and is not a folder, before any work is done."""
+def check_request(output_dir: pathlib.Path, batch_size: int | None) -> None:
+  """Raise PredictError for an invalid batch size or an output path that is a file.
+
+  Both entry points (`predict` and `scan_predict.predict_scan`) call this
+  before any work is done.
+  """
+  if batch_size is not None and batch_size < 1:
+    raise PredictError(f"batch_size must be a positive number of slices, got {batch_size}")
   if output_dir.exists() and not output_dir.is_dir():
     raise PredictError(f"the output path {output_dir} is a file, not a folder; pass a folder")
 

@@ -924,9 +924,7 @@ def predict_scan(
   timer = StageTimer()
   checkpoint_dir = pathlib.Path(checkpoint_dir)
   output_dir = pathlib.Path(output_dir)
-  if batch_size < 1:
-    raise PredictError(f"batch_size must be a positive number of slices, got {batch_size}")
-  predict.check_output_dir(output_dir)
+  predict.check_request(output_dir, batch_size)
   if aggregator_dir is not None:
     aggregator_dir = pathlib.Path(aggregator_dir)
     check_aggregator_run(aggregator_dir)
