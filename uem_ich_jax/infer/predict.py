@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 import uem_ich_jax
+from uem_ich_jax import compile_options
 from uem_ich_jax import ct
 from uem_ich_jax.ct import inspect as ct_inspect
 from uem_ich_jax.ct.series_choice import read_study as read_dicom_study
@@ -264,7 +265,7 @@ def probabilities(model: nnx.Module, images: np.ndarray, batch_size: int = 32) -
   """
   graphdef, state = nnx.split(model)
 
-  @jax.jit
+  @compile_options.forward_jit
   def forward(state, batch):
     logits = nnx.merge(graphdef, state)(batch)
     return jax.nn.sigmoid(logits.astype(jnp.float32))

@@ -134,6 +134,7 @@ from flax import nnx
 
 import uem_ich_jax
 from uem_ich_jax import clinical
+from uem_ich_jax import compile_options
 from uem_ich_jax import ct
 from uem_ich_jax.errors import InputError
 from uem_ich_jax.infer import predict
@@ -221,7 +222,7 @@ def _slice_forward(
 
 # Module level, with the graph and settings static, so that every prediction
 # in a process reuses the compiled program of its shapes.
-_slice_forward_jit = jax.jit(_slice_forward, static_argnums=(0, 1))
+_slice_forward_jit = compile_options.forward_jit(_slice_forward, static_argnums=(0, 1))
 
 
 def run_slice_model(
@@ -271,8 +272,8 @@ def _scan_model_forward(
   return jax.nn.sigmoid(model(images, slice_mask).astype(jnp.float32))
 
 
-_scan_head_jit = jax.jit(_scan_head_forward, static_argnums=0)
-_scan_model_jit = jax.jit(_scan_model_forward, static_argnums=0)
+_scan_head_jit = compile_options.forward_jit(_scan_head_forward, static_argnums=0)
+_scan_model_jit = compile_options.forward_jit(_scan_model_forward, static_argnums=0)
 
 
 def scan_probabilities_from_tokens(scan_model: nnx.Module, tokens: np.ndarray) -> np.ndarray:

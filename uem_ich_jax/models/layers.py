@@ -100,20 +100,59 @@ def linear(
 
 def patch_conv(
     in_features: int, out_features: int, size: int, *, dtype: jnp.dtype, rngs: nnx.Rngs
-) -> nnx.Conv:
+) -> "PatchConv":
   """Create the non-overlapping size x size, stride-size convolution of the stem and downsampling."""
-  return nnx.Conv(
-      in_features,
-      out_features,
-      kernel_size=(size, size),
-      strides=(size, size),
-      padding="VALID",
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=WEIGHT_INIT,
-      bias_init=ZEROS,
-      rngs=rngs,
-  )
+  return PatchConv(in_features, out_features, size, dtype=dtype, rngs=rngs)
+
+
+class PatchConv(nnx.Module):
+  """Convolution with a size x size kernel and stride `size`, no padding: one product per patch.
+
+  The parameters are those of `nnx.Conv` (`kernel` (size, size, in, out) HWIO
+  and `bias`), so checkpoints and weight conversion see no difference. On CPU
+  each patch is flattened and multiplied with the flattened kernel. The
+  windows do not overlap, so that is the same sum, and its gradients are
+  matrix products too. XLA's CPU gradient of the strided convolution took
+  1.6x as long for the 2x2 downsampling of tiny at 384 px (96 to 192
+  channels, batch 4). Other backends use `lax.conv_general_dilated`.
+  """
+
+  def __init__(
+      self, in_features: int, out_features: int, size: int, *, dtype: jnp.dtype, rngs: nnx.Rngs
+  ):
+    self.kernel = nnx.Param(WEIGHT_INIT(rngs.params(), (size, size, in_features, out_features), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+    self.size = size
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
+    if jax.default_backend() == "cpu":
+      y = patch_product(x, kernel)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x,
+          kernel,
+          window_strides=(self.size, self.size),
+          padding="VALID",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+    return y + self.bias[...].astype(self.dtype)
+
+
+def patch_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Apply a (s, s, C, D) kernel with stride s to NHWC `x` as flattened patches times the flattened kernel.
+
+  Rows and columns beyond the last whole patch are dropped, as VALID padding does.
+  """
+  size, _, channels, _ = kernel.shape
+  batch, rows, columns, _ = x.shape
+  rows, columns = rows // size, columns // size
+  x = x[:, : rows * size, : columns * size, :]
+  patches = x.reshape(batch, rows, size, columns, size, channels).transpose(0, 1, 3, 2, 4, 5)
+  patches = patches.reshape(batch, rows, columns, size * size * channels)
+  return patches @ kernel.reshape(size * size * channels, -1)
 
 
 # Ways to compute a depthwise convolution; see `depthwise_conv`.

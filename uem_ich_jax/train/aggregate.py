@@ -36,6 +36,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import uem_ich_jax
+from uem_ich_jax import compile_options
 from uem_ich_jax.data import pipeline
 from uem_ich_jax.data.global_batch import to_global_batch
 from uem_ich_jax.errors import InputError
@@ -322,6 +323,7 @@ def prepare_train_input(setup: Any, state: Any, iterator: Any) -> None:
       encode,
       in_shardings=(setup.state_shardings, setup.data_sharding, setup.data_sharding),
       out_shardings=setup.data_sharding,
+      compiler_options=compile_options.forward_options(setup.mesh.devices.flat[0].platform),
   )
 
   def host_tokens(batch: Mapping[str, Any]) -> np.ndarray:

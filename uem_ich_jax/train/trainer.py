@@ -33,6 +33,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from uem_ich_jax import compile_options
 from uem_ich_jax.data import augment as augment_lib
 from uem_ich_jax.data import pipeline
 from uem_ich_jax.data.global_batch import to_global_batch
@@ -311,7 +312,10 @@ def build(
   )
   # Outputs are replicated so that every process can read every example.
   jitted_eval = jax.jit(
-      eval_step, in_shardings=(state_shardings, data_sharding), out_shardings=replicated
+      eval_step,
+      in_shardings=(state_shardings, data_sharding),
+      out_shardings=replicated,
+      compiler_options=compile_options.forward_options(mesh.devices.flat[0].platform),
   )
   return Setup(
       config=config,
