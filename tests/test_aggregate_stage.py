@@ -511,6 +511,15 @@ def _run_config(request, data_dir, **changes):
   )
 
 
+def _fresh_state(setup: trainer.Setup) -> dict:
+  """Initialise `setup`'s state with the program that the trainer compiles.
+
+  Without out_shardings the program differs, and compiling it again took
+  18 s (measured on 2 shared CPU cores).
+  """
+  return jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+
+
 @pytest.fixture(scope="module")
 def frozen_run(request, data_dir, tmp_path_factory):
   """The smoke config trained for 4 steps on the tiny scans build, frozen encoder."""
@@ -518,7 +527,7 @@ def frozen_run(request, data_dir, tmp_path_factory):
   config = _run_config(request, data_dir)
   summary = trainer.train(config, workdir)
   setup = trainer.build(config)
-  initial = jax.jit(setup.init_state)()
+  initial = _fresh_state(setup)
   return workdir, config, summary, initial
 
 
@@ -577,7 +586,7 @@ def test_init_from_ssl_style_export(request, data_dir, tmp_path):
   config.init_from = str(export)
   setup = trainer.build(config)
   state = trainer._initialise(setup)
-  fresh = stages.flatten(jax.jit(setup.init_state)()["params"])
+  fresh = stages.flatten(_fresh_state(setup)["params"])
   loaded = stages.flatten(state["params"])
   exported = stages.flatten(params["encoder"])
   assert set(loaded) - set(exported) == {name for name in loaded if name.startswith("head/")}
@@ -647,7 +656,7 @@ def test_cq500_run_on_scans_of_mixed_length(request, data_dir, tmp_path, monkeyp
 def test_cached_tokens_are_the_frozen_encoders(request, data_dir):
   config = _run_config(request, data_dir, **{"aggregator.cache_tokens": 2})
   setup = trainer.build(config)
-  state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+  state = _fresh_state(setup)
   source = trainer.dataset_source(config)
   images = trainer.train_iterator(config, source, setup.folds)
   # The iterator the cache wraps yields the same batches as this one.
@@ -659,9 +668,11 @@ def test_cached_tokens_are_the_frozen_encoders(request, data_dir):
   count = -(-2 * scans // batch_size)
   aggregate.prepare_train_input(setup, state, cache)
   model = setup.eval_model(state)
+  # Jitted, because op by op the encoder compiled about 250 small programs (15 s).
+  scan_features = nnx.jit(lambda model, images, slice_mask: model.scan_features(images, slice_mask))
   cached = [next(cache) for _ in range(count)]
   for batch in [next(expected) for _ in range(count)]:
-    tokens = model.scan_features(jnp.asarray(batch["image"]), jnp.asarray(batch["slice_mask"]))
+    tokens = scan_features(model, jnp.asarray(batch["image"]), jnp.asarray(batch["slice_mask"]))
     found = [entry for entry in cached if np.allclose(entry["tokens"], tokens, atol=1e-5)]
     assert found, "a training batch has no cached tokens"
     np.testing.assert_array_equal(found[0]["labels"], batch["labels"])
@@ -695,7 +706,7 @@ def test_cached_run_resumes_exactly(request, data_dir, tmp_path, monkeypatch):
   # A finished run trains nothing, so it encodes nothing.
   trainer.train(config, tmp_path / "split")
   assert len(fills) == 3
-  initial = stages.flatten(jax.jit(trainer.build(config).init_state)()["params"])
+  initial = stages.flatten(_fresh_state(trainer.build(config))["params"])
 
   def final(workdir):
     manager = checkpoint.CheckpointManager(workdir, read_only=True)

@@ -338,8 +338,12 @@ def test_remat_trains_like_plain_blocks():
       state, metrics = setup.train_step(state, metrics, device_batch)
     results[policy] = (float(metrics[0].compute()["loss"]), jax.tree.leaves(state["params"]))
   assert results["block"][0] == pytest.approx(results["none"][0], rel=1e-6)
+  # AdamW divides by the root of the second moment, so float rounding in a
+  # near-zero gradient can move a parameter by about 1e-6 (seen at XLA's
+  # optimisation level 0). A wrong random stream in the rematerialised blocks
+  # moves many by about the learning rate, 1e-4 or more here.
   for a, b in zip(results["block"][1], results["none"][1]):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=5e-6)
 
 
 def test_remat_policy_is_checked():
