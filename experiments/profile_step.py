@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
   for name, value in seconds.items():
     by_kind[re.sub(r"\.\d+$", "", name)] += value
   total = sum(seconds.values())
+  if total <= 0:
+    # The flag at the top had no effect: JAX's CPU backend had started before.
+    print("profile_step: the trace holds no XLA operation events", file=sys.stderr)
+    return 1
   print(
       f"{args.step} step, ConvNeXt-V2 {args.variant} {args.size}x{args.size} px, batch"
       f" {args.batch}: {wall:.3f} s wall per step, {total:.3f} s in operation events"
