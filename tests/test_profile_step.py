@@ -20,5 +20,6 @@ def test_inference_profile_lists_kinds_of_operation():
   assert lines[0].startswith("inference step, ConvNeXt-V2 atto 32x32 px, batch 1:")
   kinds_header = lines.index(f"{'s/step':>8}  share  kind of operation")
   first_kind = lines[kinds_header + 1].split()
-  assert float(first_kind[0]) > 0 and first_kind[1].endswith("%")
+  assert float(first_kind[0]) > 0
+  assert first_kind[1].endswith("%")
   assert any("slowest operations" in line for line in lines)
