@@ -36,6 +36,7 @@ from __future__ import annotations
 # profile_step.py for the breakdown).
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -264,10 +265,18 @@ def bench_timm(
       eps=optim.eps,
   )
 
+  # With --dtype bfloat16, timm computes in bfloat16 too (CPU autocast, float32
+  # parameters), as ours does, so the ratio compares like with like.
+  def compute_precision():
+    if args.dtype == "bfloat16":
+      return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
   def run_train_step():
     optimizer.zero_grad(set_to_none=True)
-    logits = model(images)
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    with compute_precision():
+      logits = model(images)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
     optimizer.step()
@@ -276,8 +285,8 @@ def bench_timm(
   train = time_steps(run_train_step, warmup=args.warmup, steps=args.steps)
 
   def run_inference():
-    with torch.inference_mode():
-      torch.sigmoid(model(images))
+    with torch.inference_mode(), compute_precision():
+      torch.sigmoid(model(images).float())
 
   model.eval()
   inference = time_steps(run_inference, warmup=args.warmup, steps=args.steps)
@@ -471,7 +480,10 @@ def main(argv: list[str] | None = None) -> int:
       help="device of our step (default cpu); timm is compared on the CPU only",
   )
   parser.add_argument(
-      "--dtype", default="float32", choices=("float32", "bfloat16"), help="our compute dtype"
+      "--dtype",
+      default="float32",
+      choices=("float32", "bfloat16"),
+      help="compute dtype of both models (timm's through CPU autocast); parameters stay float32",
   )
   parser.add_argument(
       "--peak-tflops",
