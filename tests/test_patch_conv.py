@@ -46,11 +46,19 @@ def test_values_and_gradients_equal_strided_conv(shape, size, out):
 
 
 def test_module_keeps_conv_parameters_and_values():
-  """Same parameter names, shapes and initial values as nnx.Conv, and the same output."""
-  patch = layers.patch_conv(3, 8, 4, dtype=jnp.float32, rngs=nnx.Rngs(5))
+  """Same parameter names, shapes and initial values as nnx.Conv, and the same output.
+
+  Both must also take as many keys from the stream, so that the layers built
+  after them get the same initial values.
+  """
+  patch_rngs, conv_rngs = nnx.Rngs(5), nnx.Rngs(5)
+  patch = layers.patch_conv(3, 8, 4, dtype=jnp.float32, rngs=patch_rngs)
   conv = nnx.Conv(
       3, 8, (4, 4), strides=(4, 4), padding="VALID", kernel_init=layers.WEIGHT_INIT,
-      rngs=nnx.Rngs(5),
+      rngs=conv_rngs,
+  )
+  np.testing.assert_array_equal(
+      jax.random.key_data(patch_rngs.params()), jax.random.key_data(conv_rngs.params())
   )
   patch_state, conv_state = nnx.state(patch, nnx.Param), nnx.state(conv, nnx.Param)
   assert jax.tree.structure(patch_state) == jax.tree.structure(conv_state)

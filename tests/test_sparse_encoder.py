@@ -190,8 +190,10 @@ def test_all_visible_equals_dense(train):
   x = _images()
   sparse_maps = features(x, jnp.ones((3, *GRID), bool))
   dense_maps = dense(x)
+  # At XLA's optimisation level 0 (tests/conftest.py) the two programs sum the
+  # batch statistics of training mode in other orders: up to 4e-5 apart by stride 16.
   for stride, stage, expected in zip(STRIDES, sparse_maps, dense_maps):
-    np.testing.assert_allclose(stage, expected, rtol=1e-5, atol=1e-5, err_msg=f"stride {stride}")
+    np.testing.assert_allclose(stage, expected, rtol=1e-4, atol=1e-4, err_msg=f"stride {stride}")
 
 
 def _masked_loss(model, x, visible):

@@ -121,7 +121,9 @@ class PatchConv(nnx.Module):
       self, in_features: int, out_features: int, size: int, *, dtype: jnp.dtype, rngs: nnx.Rngs
   ):
     self.kernel = nnx.Param(WEIGHT_INIT(rngs.params(), (size, size, in_features, out_features), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+    # A key for the zero bias too, as nnx.Conv draws one: every later layer of
+    # a model then gets the same initial values as with nnx.Conv.
+    self.bias = nnx.Param(ZEROS(rngs.params(), (out_features,), jnp.float32))
     self.size = size
     self.dtype = dtype
 
