@@ -30,7 +30,7 @@ a table of some GPUs' dense bfloat16 peaks).
 from __future__ import annotations
 
 # TODO: on 2-core CPUs our training step runs at 0.73x to 0.85x timm's images/s
-# and inference at 0.8x to 1x. The targets are 1x and 1.5x. About half of the
+# and inference at 0.75x to 1x (float32). The targets are 1x and 1.5x. About half of the
 # training step is YNNPACK's matrix products, and no other library XLA offers
 # on CPU ran the gradients' products faster (experiments/BENCHMARKS.md, and
 # profile_step.py for the breakdown).
