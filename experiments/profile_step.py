@@ -141,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
   total = sum(seconds.values())
   if total <= 0:
     # The flag at the top had no effect: JAX's CPU backend had started before.
-    print("profile_step: the trace holds no XLA operation events", file=sys.stderr)
+    print(
+        "profile_step: no XLA operation events found in the trace; run it as a script, so that"
+        " XLA_FLAGS is set before JAX starts its CPU backend",
+        file=sys.stderr,
+    )
     return 1
   print(
       f"{args.step} step, ConvNeXt-V2 {args.variant} {args.size}x{args.size} px, batch"
