@@ -1,7 +1,9 @@
 """Shared test fixtures: paths to the real scans and fixtures outside the repository."""
 
+import fcntl
 import os
 import pathlib
+import shutil
 
 import jax
 import pytest
@@ -61,20 +63,45 @@ PREDICT_SLICES_DATASET = "synthetic_ich/slices_predict_tiny"
 PREDICT_SCANS_DATASET = "synthetic_ich/scans_predict_tiny"
 
 
+def _build_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """Return the folder `name` that `build(folder)` fills once per test run, read-only afterwards.
+
+  Under pytest-xdist the workers of one run share it: the first to take the
+  lock builds it, and the others wait and reuse it. A build that fails leaves
+  no completion mark, so the next worker builds again.
+  """
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    folder = tmp_path_factory.mktemp(name)
+    build(folder)
+    return folder
+  # Each worker's base folder sits in one folder per run, shared by all workers.
+  shared = tmp_path_factory.getbasetemp().parent
+  folder = shared / name
+  with open(shared / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (folder / ".complete").exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      build(folder)
+      (folder / ".complete").touch()
+  return folder
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """Tiny synthetic slice and scan datasets (10 scans of 4 slices) in a TFDS data directory."""
   from uem_ich_jax.datasets.synthetic_ich import SyntheticIch, SyntheticIchConfig
 
-  directory = tmp_path_factory.mktemp("tfds")
-  for layout in ("slices", "scans"):
-    config = SyntheticIchConfig(
-        name=f"{layout}_predict_tiny", layout=layout, num_scans=10, num_slices=4,
-        image_size=PREDICT_IMAGE_SIZE, num_folds=5,
-    )
-    builder = SyntheticIch(config=config, data_dir=str(directory), file_format="array_record")
-    builder.download_and_prepare()
-  return directory
+  def build(directory):
+    for layout in ("slices", "scans"):
+      config = SyntheticIchConfig(
+          name=f"{layout}_predict_tiny", layout=layout, num_scans=10, num_slices=4,
+          image_size=PREDICT_IMAGE_SIZE, num_folds=5,
+      )
+      builder = SyntheticIch(config=config, data_dir=str(directory), file_format="array_record")
+      builder.download_and_prepare()
+
+  return _build_once(tmp_path_factory, "tfds", build)
 
 
 def _train_smoke(request, spec, workdir, overrides):
@@ -97,17 +124,19 @@ def runs(request, data_dir, tmp_path_factory):
   """A multitask run with detection (2 steps), and an aggregator run on its frozen encoder export."""
   from uem_ich_jax.train import checkpoint
 
-  root = tmp_path_factory.mktemp("runs")
-  multitask_dir = _train_smoke(request, "multitask_synthetic.py", root / "multitask", {
-      "data.data_dir": str(data_dir),
-      "data.name": PREDICT_SLICES_DATASET,
-      "multitask.detection": True,
-      "init_from": "random",
-  })
-  aggregator_dir = _train_smoke(request, "aggregator_synthetic.py", root / "aggregator", {
-      "data.data_dir": str(data_dir),
-      "data.name": PREDICT_SCANS_DATASET,
-      "model.image_size": PREDICT_IMAGE_SIZE,
-      "init_from": str(multitask_dir / checkpoint.ENCODER_EXPORT_DIR),
-  })
-  return multitask_dir, aggregator_dir
+  def train(root):
+    _train_smoke(request, "multitask_synthetic.py", root / "multitask", {
+        "data.data_dir": str(data_dir),
+        "data.name": PREDICT_SLICES_DATASET,
+        "multitask.detection": True,
+        "init_from": "random",
+    })
+    _train_smoke(request, "aggregator_synthetic.py", root / "aggregator", {
+        "data.data_dir": str(data_dir),
+        "data.name": PREDICT_SCANS_DATASET,
+        "model.image_size": PREDICT_IMAGE_SIZE,
+        "init_from": str(root / "multitask" / checkpoint.ENCODER_EXPORT_DIR),
+    })
+
+  root = _build_once(tmp_path_factory, "runs", train)
+  return root / "multitask", root / "aggregator"
