@@ -14,8 +14,8 @@ trace events on, and prints seconds per step:
 The events are the operations as the CPU runtime starts them. Two may run at
 once on different cores, so the sum can exceed the wall time per step, which
 is printed too. Matrix products that XLA hands to Eigen (the inference step on
-CPU, see uem_ich_jax/compile_options.py) run in Eigen's thread pool after
-their event ends, so their time shows only in the wall time.
+CPU, see uem_ich_jax/compile_options.py) get events of a few microseconds, as
+if only their dispatch were traced, so their time shows only in the wall time.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ fuses around them, to YNNPACK by default. For ConvNeXt-V2 tiny at 384 px,
 batch 4, on 2 Intel Xeon cores (AVX-512), XLA's own matrix products (Eigen)
 ran the forward pass 1.2x faster than YNNPACK's in one process, round-robin.
 The training step, whose gradients are mostly products with a long reduction
-over positions, ran 1.8x slower with them, so training programs keep the default
-(experiments/BENCHMARKS.md).
+over positions, ran 1.8x slower with Eigen's products, so training programs
+keep the default (experiments/BENCHMARKS.md).
 
 Other backends get no options: cuDNN, cuBLAS and the TPU compiler choose for
 themselves.
