@@ -3,7 +3,8 @@
 jaxlib 0.10's CPU backend hands matrix products, with the elementwise work XLA
 fuses around them, to YNNPACK by default. For ConvNeXt-V2 tiny at 384 px,
 batch 4, on 2 Intel Xeon cores (AVX-512), XLA's own matrix products (Eigen)
-ran the forward pass 1.2x faster than YNNPACK's in one process, round-robin.
+ran the forward pass 1.1x to 1.2x faster than YNNPACK's in one process,
+round-robin (experiments/bench_xla_cpu_libraries.py).
 The training step, whose gradients are mostly products with a long reduction
 over positions, ran 1.8x slower with Eigen's products, so training programs
 keep the default (experiments/BENCHMARKS.md).
