@@ -64,8 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Encoder activations the backward pass recomputes: "none", "block" (keep
   # each block's input only) or "block_dots" (also the matrix products).
   config.model.remat = "none"
-  # Depthwise convolutions: "auto" (shifted multiply-adds on CPU, lax.conv on
-  # accelerators), "conv" or "shifted"; equal parameters and values either way.
+  # Depthwise convolutions: "auto" (C++ kernels on CPU, lax.conv on
+  # accelerators), "conv", "shifted" or "native"; equal parameters and values
+  # either way.
   config.model.depthwise = "auto"
   config.model.width = 8  # tiny_cnn only: channels of its first stage, doubling per stage
   config.model.depth = 2  # tiny_cnn only: stride-2 convolution stages

@@ -68,6 +68,7 @@ from uem_ich_jax.infer import predict
 from uem_ich_jax.infer import scan_predict
 from uem_ich_jax.infer import serve
 from uem_ich_jax.infer.predict import PredictError
+from uem_ich_jax.models import layers
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,13 @@ def parse_platforms(platforms: str | Sequence[str]) -> tuple[str, ...]:
 def _export(
     function: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct], platforms: tuple[str, ...]
 ) -> jax.export.Exported:
-  return jax.export.export(jax.jit(function), platforms=platforms)(*specs)
+  # The C++ CPU kernels are custom calls that jax.export cannot serialise. A
+  # new function object, so that no trace from jit's cache is reused.
+  def program(*args):
+    return function(*args)
+
+  with layers.portable_kernels():
+    return jax.export.export(jax.jit(program), platforms=platforms)(*specs)
 
 
 def _export_slice_model(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from uem_ich_jax import native
 
 # timm draws conv and linear weights from a normal with std 0.02 cut at +-2 in
 # absolute value, which never triggers. JAX's truncated normal cuts at +-2 std
@@ -158,23 +162,53 @@ def patch_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 # Ways to compute a depthwise convolution; see `depthwise_conv`.
-DEPTHWISE_IMPLEMENTATIONS = ("auto", "conv", "shifted")
-# Environment variable naming what "auto" picks on CPU instead of "shifted".
-# The shifted form runs faster but compiles about 3x slower, so the test
-# suite, which mostly compiles, sets it to "conv".
+DEPTHWISE_IMPLEMENTATIONS = ("auto", "conv", "shifted", "native")
+# Environment variable naming what "auto" picks on CPU ("conv", "shifted" or
+# "native"), on one device or several.
 CPU_DEPTHWISE_VARIABLE = "UEM_ICH_CPU_DEPTHWISE"
 
 
-def auto_depthwise_implementation() -> str:
-  """Return what "auto" means on this backend: "shifted" on CPU, "conv" elsewhere.
+_portable = threading.local()
 
-  On CPU, `UEM_ICH_CPU_DEPTHWISE` ("conv" or "shifted") overrides the choice.
+
+@contextlib.contextmanager
+def portable_kernels():
+  """Trace without the C++ CPU kernels inside this block, for programs that leave the process.
+
+  `jax.export` refuses custom calls that have no compatibility guarantee, and
+  another process would lack the kernels anyway. Inside the block "auto"
+  gives the shifted sum where it would give "native". jit's cache does not
+  know of the block: trace a function object that was not traced outside it.
+  """
+  previous = getattr(_portable, "active", False)
+  _portable.active = True
+  try:
+    yield
+  finally:
+    _portable.active = previous
+
+
+def auto_depthwise_implementation() -> str:
+  """Return what "auto" means here: "native" on one CPU device, "shifted" on several, else "conv".
+
+  On CPU, `UEM_ICH_CPU_DEPTHWISE` ("conv", "shifted" or "native") overrides
+  the choice. `depthwise_conv` still falls back from "native" to "shifted"
+  where the C++ kernels cannot run.
   """
   if jax.default_backend() != "cpu":
     return "conv"
-  choice = os.environ.get(CPU_DEPTHWISE_VARIABLE, "shifted")
-  if choice not in ("conv", "shifted"):
-    raise ValueError(f"{CPU_DEPTHWISE_VARIABLE} must be 'conv' or 'shifted', got {choice!r}")
+  choice = os.environ.get(CPU_DEPTHWISE_VARIABLE)
+  if getattr(_portable, "active", False) and choice in (None, "native"):
+    return "shifted"
+  if choice is None:
+    # TODO: XLA cannot split a custom call over a mesh, so on several CPU
+    # devices the C++ kernels would gather the whole batch onto each device.
+    # Partitioning rules (jax.experimental.custom_partitioning) would fix it.
+    return "native" if jax.device_count() == 1 else "shifted"
+  if choice not in ("conv", "shifted", "native"):
+    raise ValueError(
+        f"{CPU_DEPTHWISE_VARIABLE} must be 'conv', 'shifted' or 'native', got {choice!r}"
+    )
   return choice
 
 
@@ -280,6 +314,33 @@ def _depthwise_shifted_backward(residuals, grad):
 _depthwise_shifted.defvjp(_depthwise_shifted_forward, _depthwise_shifted_backward)
 
 
+@jax.custom_vjp
+def _depthwise_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Depthwise SAME convolution by the C++ kernels of `uem_ich_jax.native` (float32, odd k x k)."""
+  return native.depthwise_forward(x, kernel[:, :, 0, :])
+
+
+def _depthwise_native_forward(x, kernel):
+  return _depthwise_native(x, kernel), (x, kernel)
+
+
+def _depthwise_native_backward(residuals, grad):
+  x, kernel = residuals
+  # With odd kernels the padding is the same on every side, so the input
+  # gradient is the forward pass with the kernel turned by 180 degrees.
+  grad_x = native.depthwise_forward(grad, kernel[::-1, ::-1, 0, :])
+  grad_kernel = native.depthwise_kernel_gradient(x, grad, kernel.shape[0])
+  return grad_x, grad_kernel[:, :, None, :]
+
+
+_depthwise_native.defvjp(_depthwise_native_forward, _depthwise_native_backward)
+
+
+def _native_fits(x: jax.Array, kernel: jax.Array) -> bool:
+  rows, columns = kernel.shape[:2]
+  return x.dtype == jnp.float32 and rows == columns and rows % 2 == 1
+
+
 def depthwise_conv(
     x: jax.Array, kernel: jax.Array, bias: jax.Array, *, implementation: str = "auto"
 ) -> jax.Array:
@@ -290,8 +351,12 @@ def depthwise_conv(
   "conv" is `lax.conv_general_dilated` with one group per channel, fast where
   the accelerator's convolution library is (cuDNN, the TPU); "shifted" sums
   shifted multiply-adds, which XLA's CPU backend runs far faster than its
-  grouped convolution. "auto" picks "shifted" on CPU and "conv" elsewhere
-  (see `auto_depthwise_implementation`).
+  grouped convolution; "native" calls the C++ CPU kernels of
+  `uem_ich_jax.native`, faster still, for float32 and odd square kernels, and
+  "shifted" stands in for it elsewhere. "auto" picks "native" on one CPU
+  device, "shifted" on several and "conv" on accelerators (see
+  `auto_depthwise_implementation`); it falls back to "shifted" when the
+  kernels cannot be built, and says so once in the log.
 
   Args:
     x: (N, H, W, C).
@@ -305,8 +370,21 @@ def depthwise_conv(
     )
   if implementation == "auto":
     implementation = auto_depthwise_implementation()
+    if implementation == "native" and not native.depthwise_ready():
+      implementation = "shifted"
+  elif implementation == "native":
+    if jax.default_backend() != "cpu":
+      raise ValueError(
+          f"the 'native' depthwise convolution runs on CPU only, not {jax.default_backend()};"
+          " use 'auto' or 'conv'"
+      )
+    native.ensure_depthwise()
   kernel = kernel.astype(x.dtype)
-  if implementation == "shifted":
+  if implementation == "native" and not _native_fits(x, kernel):
+    implementation = "shifted"
+  if implementation == "native":
+    y = _depthwise_native(x, kernel)
+  elif implementation == "shifted":
     y = _depthwise_shifted(x, kernel)
   else:
     y = _depthwise_lax_conv(x, kernel)

@@ -1,0 +1,80 @@
+"""Building, caching and loading the C++ CPU kernels of `uem_ich_jax.native`."""
+
+import logging
+import pathlib
+import shutil
+import stat
+
+import pytest
+
+from uem_ich_jax import native
+
+
+def test_kernels_build_and_load_where_a_compiler_exists():
+  if not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+    pytest.skip("no C++ compiler on this machine; layers use the shifted sum instead")
+  native.ensure_depthwise()
+  assert native.depthwise_ready()
+  assert native.library_path(native._compiler()).is_file()
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+  monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path / "mine"))
+  assert native.cache_dir() == tmp_path / "mine"
+  monkeypatch.delenv(native.CACHE_VARIABLE)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert native.cache_dir() == tmp_path / "xdg" / "uem_ich_jax" / "native"
+
+
+def test_library_name_depends_on_the_cpu(monkeypatch):
+  # A cache shared between machines must not give one of them code built for another.
+  monkeypatch.setattr(native, "_cpu_description", lambda: "model A, flags avx2")
+  first = native.library_path("/usr/bin/g++")
+  assert native.library_path("/usr/bin/g++") == first
+  monkeypatch.setattr(native, "_cpu_description", lambda: "model B, flags avx512f")
+  assert native.library_path("/usr/bin/g++") != first
+  assert native.library_path("/usr/bin/clang++") != first
+
+
+def _fake_compiler(folder: pathlib.Path, body: str) -> str:
+  script = folder / "fake-c++"
+  script.write_text(f"#!/bin/sh\n{body}\n")
+  script.chmod(script.stat().st_mode | stat.S_IEXEC)
+  return str(script)
+
+
+def test_build_failure_cleans_up(monkeypatch, tmp_path):
+  monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path / "cache"))
+  compiler = _fake_compiler(tmp_path, 'echo "depthwise.cc:1: error: no such header" >&2; exit 1')
+  with pytest.raises(native.NativeBuildError, match="no such header"):
+    native.build(compiler)
+  assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_build_reuses_the_cached_library(monkeypatch, tmp_path):
+  monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path / "cache"))
+  log = tmp_path / "calls"
+  # The fake compiler writes its output file, the argument after -o.
+  body = f'echo call >> {log}; while [ "$1" != "-o" ]; do shift; done; echo built > "$2"'
+  compiler = _fake_compiler(tmp_path, body)
+  path = native.build(compiler)
+  assert path.read_text() == "built\n"
+  assert native.build(compiler) == path
+  assert log.read_text().count("call") == 1
+
+
+def test_unavailable_kernels_are_logged_once(monkeypatch, caplog):
+  def fail():
+    raise native.NativeBuildError("no C++ compiler found")
+
+  monkeypatch.setattr(native, "_load", fail)
+  native.depthwise_ready.cache_clear()
+  try:
+    with caplog.at_level(logging.WARNING, logger="uem_ich_jax.native"):
+      assert not native.depthwise_ready()
+      assert not native.depthwise_ready()
+    warnings = [record for record in caplog.records if "shifted sum" in record.getMessage()]
+    assert len(warnings) == 1
+    assert "no C++ compiler found" in warnings[0].getMessage()
+  finally:
+    native.depthwise_ready.cache_clear()
