@@ -356,7 +356,7 @@ def depthwise_conv(
   "shifted" stands in for it elsewhere. "auto" picks "native" on one CPU
   device, "shifted" on several and "conv" on accelerators (see
   `auto_depthwise_implementation`); it falls back to "shifted" when the
-  kernels cannot be built, and says so once in the log.
+  kernels cannot be built, and logs a warning once.
 
   Args:
     x: (N, H, W, C).
