@@ -20,10 +20,11 @@ if not jax.config.jax_compilation_cache_dir:
       os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache")),
   )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-# Depthwise convolutions through lax.conv: on CPU the default shifted form
-# compiles about 3x slower, and the suite is mostly compilation. Tests of the
-# shifted form ask for it by name. Subprocesses inherit the setting.
-os.environ.setdefault("UEM_ICH_CPU_DEPTHWISE", "conv")
+# Depthwise convolutions through the C++ kernels, also on several forced CPU
+# devices (where "auto" would pick the shifted sum, which compiles about 3x
+# slower than lax.conv; the suite is mostly compilation). Tests of the other
+# forms ask for them by name. Subprocesses inherit the setting.
+os.environ.setdefault("UEM_ICH_CPU_DEPTHWISE", "native")
 # XLA's backend at optimisation level 0: compiling took 28-47% less CPU time
 # per test file (measured on 2 shared cores), and the programs run slower,
 # which matters little here. In this suite the results differed from the
