@@ -29,11 +29,10 @@ a table of some GPUs' dense bfloat16 peaks).
 
 from __future__ import annotations
 
-# TODO: on 2-core CPUs our training step runs at 0.73x to 0.85x timm's images/s
-# and inference at 0.75x to 1x (float32). The targets are 1x and 1.5x. About half of the
-# training step is YNNPACK's matrix products, and no other library XLA offers
-# on CPU ran the gradients' products faster (experiments/BENCHMARKS.md, and
-# profile_step.py for the breakdown).
+# TODO: on 2-core CPUs our inference runs at 0.99x to 1.19x timm's images/s
+# (float32), short of the 1.5x target. Training runs at 1.05x to 1.26x, over
+# its 1x target. In the inference profile the exact GELU's fusions and GRN's
+# windowed sums come first (experiments/BENCHMARKS.md, and profile_step.py).
 
 import argparse
 import contextlib

@@ -9,6 +9,9 @@ of them alike. The libraries are picked with XLA compiler options:
   by default on CPU, but its default list of fusion kinds is not exposed, so
   this may differ from it;
 - eigen: YNNPACK fusions off, so XLA runs its own products;
+- eigen_ynn_reduce: XLA's own products, YNNPACK's reductions. Without YNNPACK,
+  XLA splits GRN's long sums into windowed reductions: 36 ms against 1.7 ms
+  for the sum of squares of a 4 x 96 x 96 x 384 map on 2 cores;
 - xnnpack, onednn: YNNPACK off and the other library's dot fusions on.
 
     python experiments/bench_xla_cpu_libraries.py --step inference --size 384 --batch 4
@@ -37,6 +40,7 @@ _NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 LIBRARIES = {
     "ynnpack": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
     "eigen": _NO_YNN,
+    "eigen_ynn_reduce": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"},
     "xnnpack": _NO_YNN | {"xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
     "onednn": _NO_YNN | {"xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
 }
