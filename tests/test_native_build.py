@@ -78,3 +78,25 @@ def test_unavailable_kernels_are_logged_once(monkeypatch, caplog):
     assert "no C++ compiler found" in warnings[0].getMessage()
   finally:
     native.depthwise_ready.cache_clear()
+
+
+def test_build_into_an_unwritable_folder_names_the_variable(monkeypatch, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  monkeypatch.setenv(native.CACHE_VARIABLE, str(blocker / "cache"))
+  with pytest.raises(native.NativeBuildError, match=native.CACHE_VARIABLE):
+    native.build(_fake_compiler(tmp_path, "exit 0"))
+
+
+def test_load_rebuilds_a_cached_file_that_does_not_load(monkeypatch, tmp_path, caplog):
+  if not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+    pytest.skip("no C++ compiler on this machine")
+  monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path / "cache"))
+  broken = native.library_path(native._compiler())
+  broken.parent.mkdir(parents=True)
+  broken.write_bytes(b"cut short")
+  with caplog.at_level(logging.WARNING, logger="uem_ich_jax.native"):
+    library = native.open_library(native._compiler())
+  assert hasattr(library, "UemIchDepthwiseForward")
+  assert broken.read_bytes()[:4] == b"\x7fELF"
+  assert any("does not load" in record.getMessage() for record in caplog.records)

@@ -99,8 +99,14 @@ def build(compiler: str) -> pathlib.Path:
   target = library_path(compiler)
   if target.exists():
     return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  descriptor, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+  except OSError as error:
+    raise NativeBuildError(
+        f"cannot write to the cache folder {target.parent} ({error}); set {CACHE_VARIABLE} to a"
+        " writable folder"
+    ) from error
   os.close(descriptor)
   temporary = pathlib.Path(temporary)
   command = _build_command(compiler, temporary)
@@ -121,13 +127,30 @@ def build(compiler: str) -> pathlib.Path:
   return target
 
 
-@functools.cache
-def _load() -> None:
-  """Build, load and register the kernels once per process; raise NativeBuildError on failure."""
+def open_library(compiler: str) -> ctypes.CDLL:
+  """Build the library unless it is cached, and load it; raise NativeBuildError on failure."""
+  path = build(compiler)
   try:
-    library = ctypes.cdll.LoadLibrary(str(build(_compiler())))
+    return ctypes.cdll.LoadLibrary(str(path))
+  except OSError:
+    # A cached file that does not load (cut short by a full disk, say) is
+    # built again once.
+    logger.warning("the cached library %s does not load; building it again", path)
+    path.unlink(missing_ok=True)
+  try:
+    return ctypes.cdll.LoadLibrary(str(build(compiler)))
   except OSError as error:
     raise NativeBuildError(f"could not load the built library: {error}") from error
+
+
+@functools.cache
+def _load() -> None:
+  """Load the kernels and register them with XLA, once per process.
+
+  XLA refuses a second registration of a name from another library, so this
+  must run once only.
+  """
+  library = open_library(_compiler())
   for target, symbol in (
       (FORWARD_TARGET, library.UemIchDepthwiseForward),
       (KERNEL_GRADIENT_TARGET, library.UemIchDepthwiseKernelGradient),
