@@ -88,7 +88,7 @@ def test_build_into_an_unwritable_folder_names_the_variable(monkeypatch, tmp_pat
     native.build(_fake_compiler(tmp_path, "exit 0"))
 
 
-def test_load_rebuilds_a_cached_file_that_does_not_load(monkeypatch, tmp_path, caplog):
+def test_open_library_rebuilds_broken_cache(monkeypatch, tmp_path, caplog):
   if not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
     pytest.skip("no C++ compiler on this machine")
   monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path / "cache"))
