@@ -29,10 +29,10 @@ a table of some GPUs' dense bfloat16 peaks).
 
 from __future__ import annotations
 
-# TODO: on 2-core CPUs our inference runs at 0.99x to 1.19x timm's images/s
-# (float32), short of the 1.5x target. Training runs at 1.05x to 1.26x, over
-# its 1x target. In the inference profile the exact GELU's fusions and GRN's
-# windowed sums come first (experiments/BENCHMARKS.md, and profile_step.py).
+# TODO: on 2-core CPUs our inference runs at 1.27x to 1.42x timm's images/s
+# (float32), short of the 1.5x target. Training runs at 0.91x to 1.26x, about
+# its 1x target. The exact GELU's fusions lead the inference profile
+# (experiments/BENCHMARKS.md, and profile_step.py).
 
 import argparse
 import contextlib

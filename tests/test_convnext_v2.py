@@ -164,7 +164,14 @@ def _grn_timm(x, gamma, beta):
   return gamma * (x * ratio) + beta + x
 
 
-def test_grn_matches_timm_formula():
+@pytest.fixture(params=["native", "conv"])
+def grn_sum(request, monkeypatch):
+  """Run GRN's sum of squares by the C++ kernel ("native") or by jnp.sum ("conv")."""
+  monkeypatch.setenv(layers.CPU_DEPTHWISE_VARIABLE, request.param)
+  return request.param
+
+
+def test_grn_matches_timm_formula(grn_sum):
   grn = layers.GRN(16)
   rng = np.random.default_rng(0)
   gamma = rng.normal(size=16).astype(np.float32)
@@ -176,7 +183,7 @@ def test_grn_matches_timm_formula():
   np.testing.assert_allclose(grn(jnp.asarray(x)), _grn_timm(x, gamma, beta), rtol=1e-5, atol=1e-5)
 
 
-def test_grn_zero_channel_gradient_finite():
+def test_grn_zero_channel_gradient_finite(grn_sum):
   grn = layers.GRN(8)
   grn.gamma.set_value(jnp.ones(8))
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)).at[:, :, :, 2].set(0.0).at[1].set(0.0)
@@ -188,6 +195,22 @@ def test_grn_zero_channel_gradient_finite():
   assert np.all(np.isfinite(input_grad))
   for leaf in jax.tree.leaves(grads):
     assert np.all(np.isfinite(leaf))
+
+
+def test_native_sum_of_squares_equals_jnp_with_gradient(monkeypatch):
+  monkeypatch.setenv(layers.CPU_DEPTHWISE_VARIABLE, "native")
+  x = jax.random.normal(jax.random.key(1), (3, 7, 9, 70))
+  weights = jax.random.normal(jax.random.key(2), (3, 1, 1, 70))
+
+  def weighted(sum_of_squares):
+    return lambda x: jnp.sum(sum_of_squares(x) * weights)
+
+  program = jax.jit(jax.value_and_grad(weighted(layers.spatial_sum_of_squares)))
+  assert "uem_ich_spatial_sum_of_squares" in program.lower(x).as_text()
+  value, grad = program(x)
+  reference = jax.value_and_grad(weighted(lambda x: jnp.sum(x**2, axis=(1, 2), keepdims=True)))(x)
+  np.testing.assert_allclose(value, reference[0], rtol=1e-5)
+  np.testing.assert_allclose(grad, reference[1], rtol=1e-6, atol=1e-6)
 
 
 def _encoder_loss(model, x):

@@ -185,6 +185,9 @@ def test_cpu_override_of_auto(monkeypatch):
   # The C++ kernels are one custom call, which XLA cannot split over devices.
   monkeypatch.setattr(jax, "device_count", lambda: 8)
   assert layers.auto_depthwise_implementation() == "shifted"
+  monkeypatch.setenv(layers.CPU_DEPTHWISE_VARIABLE, "")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert layers.auto_depthwise_implementation() == "native"
   monkeypatch.setenv(layers.CPU_DEPTHWISE_VARIABLE, "fft")
   with pytest.raises(ValueError, match="UEM_ICH_CPU_DEPTHWISE"):
     layers.auto_depthwise_implementation()
@@ -198,7 +201,7 @@ def test_portable_kernels_trace_without_custom_calls(monkeypatch):
   x, kernel, bias = _inputs((1, 6, 6, 4), (7, 7))
 
   def program(x):
-    return layers.depthwise_conv(x, kernel, bias)
+    return layers.depthwise_conv(x, kernel, bias) + layers.spatial_sum_of_squares(x)
 
   native_program = jax.jit(lambda x: program(x))
   assert "stablehlo.custom_call" in native_program.lower(x).as_text()

@@ -197,7 +197,7 @@ def auto_depthwise_implementation() -> str:
   """
   if jax.default_backend() != "cpu":
     return "conv"
-  choice = os.environ.get(CPU_DEPTHWISE_VARIABLE)
+  choice = os.environ.get(CPU_DEPTHWISE_VARIABLE) or None
   if getattr(_portable, "active", False) and choice in (None, "native"):
     return "shifted"
   if choice is None:
@@ -418,6 +418,37 @@ class DepthwiseConv(nnx.Module):
     )
 
 
+@jax.custom_vjp
+def _native_sum_of_squares(x: jax.Array) -> jax.Array:
+  return native.spatial_sum_of_squares(x)[:, None, None, :]
+
+
+def _native_sum_of_squares_forward(x):
+  return _native_sum_of_squares(x), x
+
+
+def _native_sum_of_squares_backward(x, grad):
+  return (2.0 * x * grad,)
+
+
+_native_sum_of_squares.defvjp(_native_sum_of_squares_forward, _native_sum_of_squares_backward)
+
+
+def spatial_sum_of_squares(x: jax.Array) -> jax.Array:
+  """Return the (N, 1, 1, C) sums over rows and columns of the squares of NHWC `x`.
+
+  Where the depthwise convolutions run the C++ kernels (see
+  `auto_depthwise_implementation`), so does this sum for float32 `x`.
+  """
+  if (
+      x.dtype == jnp.float32
+      and auto_depthwise_implementation() == "native"
+      and native.depthwise_ready()
+  ):
+    return _native_sum_of_squares(x)
+  return jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True)
+
+
 class GRN(nnx.Module):
   """Global response normalisation (ConvNeXt-V2), computed as timm does.
 
@@ -443,7 +474,7 @@ class GRN(nnx.Module):
     x32 = x.astype(jnp.float32)
     if mask is not None:
       x32 = zero_masked(x32, mask)
-    sum_of_squares = jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True)
+    sum_of_squares = spatial_sum_of_squares(x32)
     positive = sum_of_squares > 0
     safe_sum = jnp.where(positive, sum_of_squares, 1.0)
     norm = jnp.where(positive, jnp.sqrt(safe_sum), 0.0)

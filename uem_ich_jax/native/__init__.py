@@ -1,7 +1,8 @@
 """CPU kernels in C++, compiled on first use and called through XLA's FFI.
 
 `depthwise.cc` has the depthwise convolution and its kernel gradient for
-NHWC float32 maps. The first call of `depthwise_ready()` in a process builds it
+NHWC float32 maps, and the per-channel sum of squares over each map that GRN
+takes. The first call of `depthwise_ready()` in a process builds it
 with the system's C++ compiler (`$CXX`, else g++, c++ or clang++) for this CPU
 (-march=native), against the FFI headers that jaxlib ships, and keeps the
 library in a per-user cache: `$UEM_ICH_NATIVE_CACHE`, else
@@ -24,6 +25,7 @@ import logging
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -37,6 +39,7 @@ SOURCE = pathlib.Path(__file__).with_name("depthwise.cc")
 CACHE_VARIABLE = "UEM_ICH_NATIVE_CACHE"
 FORWARD_TARGET = "uem_ich_depthwise_forward"
 KERNEL_GRADIENT_TARGET = "uem_ich_depthwise_kernel_gradient"
+SUM_OF_SQUARES_TARGET = "uem_ich_spatial_sum_of_squares"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _BUILD_TIMEOUT_SECONDS = 600
 
@@ -54,8 +57,15 @@ def cache_dir() -> pathlib.Path:
 
 
 def _compiler() -> str:
-  for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-    if name and shutil.which(name):
+  """Return the compiler command: `$CXX` (which may hold a wrapper such as "ccache g++"), else the first found."""
+  chosen = os.environ.get("CXX", "").strip()
+  if chosen:
+    words = shlex.split(chosen)
+    if not shutil.which(words[0]):
+      raise NativeBuildError(f"$CXX is {chosen!r}, but {words[0]!r} is not an executable")
+    return chosen
+  for name in ("g++", "c++", "clang++"):
+    if shutil.which(name):
       return shutil.which(name)
   raise NativeBuildError("no C++ compiler found ($CXX, g++, c++ or clang++)")
 
@@ -77,7 +87,10 @@ def _cpu_description() -> str:
 
 
 def _build_command(compiler: str, output: pathlib.Path) -> list[str]:
-  return [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(output)]
+  return [
+      *shlex.split(compiler), *_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE),
+      "-o", str(output),
+  ]
 
 
 def library_path(compiler: str) -> pathlib.Path:
@@ -90,57 +103,87 @@ def library_path(compiler: str) -> pathlib.Path:
   return cache_dir() / f"depthwise-{key.hexdigest()[:16]}.so"
 
 
-def build(compiler: str) -> pathlib.Path:
-  """Compile `depthwise.cc` into the cache unless it is there already; return the library's path.
+def _checksum_path(library: pathlib.Path) -> pathlib.Path:
+  return library.with_suffix(".sha256")
 
-  The compiler writes a temporary file that is then renamed, so processes that
-  build at the same time never load a half-written library.
+
+def _sha256(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(library: pathlib.Path) -> bool:
+  """Return whether `library` has the checksum written after it was built.
+
+  Loading a cut-short shared library can kill the process with SIGBUS, which
+  no exception catches, so the file is checked before it is loaded.
+  """
+  try:
+    return _checksum_path(library).read_text().strip() == _sha256(library)
+  except OSError:
+    return False
+
+
+def _write_durably(path: pathlib.Path, data: bytes) -> None:
+  """Write `data` to `path` through a temporary file in the same folder, synced, then renamed."""
+  descriptor, temporary = tempfile.mkstemp(dir=path.parent)
+  try:
+    with os.fdopen(descriptor, "wb") as file:
+      file.write(data)
+      file.flush()
+      os.fsync(file.fileno())
+    os.chmod(temporary, 0o755)
+    os.replace(temporary, path)
+  finally:
+    pathlib.Path(temporary).unlink(missing_ok=True)
+
+
+def build(compiler: str) -> pathlib.Path:
+  """Compile `depthwise.cc` into the cache unless an intact copy is there; return the library's path.
+
+  The compiler writes into a private temporary folder. The library is then
+  copied into the cache under a temporary name, synced and renamed, and its
+  checksum written beside it, so processes that build at the same time never
+  load a half-written library. Others may read the library (mode 755).
   """
   target = library_path(compiler)
-  if target.exists():
+  if target.exists() and _intact(target):
     return target
   try:
     target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+      output = pathlib.Path(scratch) / target.name
+      command = _build_command(compiler, output)
+      logger.info("building the CPU depthwise kernels: %s", " ".join(command))
+      try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_SECONDS, check=False
+        )
+      except subprocess.TimeoutExpired as error:
+        raise NativeBuildError(
+            f"{' '.join(command)} ran over {_BUILD_TIMEOUT_SECONDS} s"
+        ) from error
+      if result.returncode != 0 or not output.is_file():
+        raise NativeBuildError(
+            f"{' '.join(command)} exited with {result.returncode}:\n{result.stderr[-4000:]}"
+        )
+      data = output.read_bytes()
+      _write_durably(target, data)
+      _write_durably(_checksum_path(target), hashlib.sha256(data).hexdigest().encode())
   except OSError as error:
     raise NativeBuildError(
         f"cannot write to the cache folder {target.parent} ({error}); set {CACHE_VARIABLE} to a"
         " writable folder"
     ) from error
-  os.close(descriptor)
-  temporary = pathlib.Path(temporary)
-  command = _build_command(compiler, temporary)
-  logger.info("building the CPU depthwise kernels: %s", " ".join(command))
-  try:
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_SECONDS, check=False
-    )
-    if result.returncode != 0:
-      raise NativeBuildError(
-          f"{' '.join(command)} exited with {result.returncode}:\n{result.stderr[-4000:]}"
-      )
-    os.replace(temporary, target)
-  except subprocess.TimeoutExpired as error:
-    raise NativeBuildError(f"{' '.join(command)} ran over {_BUILD_TIMEOUT_SECONDS} s") from error
-  finally:
-    temporary.unlink(missing_ok=True)
   return target
 
 
 def open_library(compiler: str) -> ctypes.CDLL:
-  """Build the library unless it is cached, and load it; raise NativeBuildError on failure."""
+  """Build the library unless an intact copy is cached, and load it; raise NativeBuildError on failure."""
   path = build(compiler)
   try:
     return ctypes.cdll.LoadLibrary(str(path))
-  except OSError:
-    # A cached file that does not load (cut short by a full disk, say) is
-    # built again once.
-    logger.warning("the cached library %s does not load; building it again", path)
-    path.unlink(missing_ok=True)
-  try:
-    return ctypes.cdll.LoadLibrary(str(build(compiler)))
   except OSError as error:
-    raise NativeBuildError(f"could not load the built library: {error}") from error
+    raise NativeBuildError(f"could not load the built library {path}: {error}") from error
 
 
 @functools.cache
@@ -151,10 +194,15 @@ def _load() -> None:
   must run once only.
   """
   library = open_library(_compiler())
-  for target, symbol in (
-      (FORWARD_TARGET, library.UemIchDepthwiseForward),
-      (KERNEL_GRADIENT_TARGET, library.UemIchDepthwiseKernelGradient),
-  ):
+  try:
+    symbols = {
+        FORWARD_TARGET: library.UemIchDepthwiseForward,
+        KERNEL_GRADIENT_TARGET: library.UemIchDepthwiseKernelGradient,
+        SUM_OF_SQUARES_TARGET: library.UemIchSpatialSumOfSquares,
+    }
+  except AttributeError as error:
+    raise NativeBuildError(f"the built library lacks a kernel: {error}") from error
+  for target, symbol in symbols.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
 
 
@@ -168,7 +216,8 @@ def depthwise_ready() -> bool:
   """Return whether the kernels are callable here; log the reason once when they are not."""
   try:
     _load()
-  except NativeBuildError as error:
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    # Whatever stops the kernels, the JAX form still works: log why and go on.
     logger.warning(
         "the C++ depthwise kernels are unavailable, so CPU depthwise convolutions use the"
         " slower shifted sum in JAX: %s",
@@ -195,3 +244,13 @@ def depthwise_kernel_gradient(x: jax.Array, grad: jax.Array, size: int) -> jax.A
   )
   return call(x, grad)
 
+
+
+def spatial_sum_of_squares(x: jax.Array) -> jax.Array:
+  """Return the (N, C) sums over rows and columns of the squares of NHWC float32 `x`."""
+  call = jax.ffi.ffi_call(
+      SUM_OF_SQUARES_TARGET,
+      jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), x.dtype),
+      vmap_method="sequential",
+  )
+  return call(x)

@@ -1,4 +1,5 @@
-// Depthwise convolution on the CPU as XLA FFI handlers, for NHWC float32 maps.
+// Depthwise convolution on the CPU as XLA FFI handlers, for NHWC float32 maps,
+// and the per-channel sum of squares that GRN takes over each map.
 //
 // XLA's CPU backend runs a grouped convolution slowly, and the shifted sum
 // that `layers.depthwise_conv` writes in JAX reads the padded input once per
@@ -9,6 +10,10 @@
 // side), which is what the encoder (7x7) and the SegFormer head (3x3) use.
 // The input gradient is the forward pass with the kernel turned by 180
 // degrees, so it needs no handler of its own.
+//
+// Taps that fall outside the map are skipped rather than multiplied by zero,
+// so a NaN or inf tap near the border leaves those outputs finite, where
+// lax.conv gives NaN.
 //
 // Work is split over output rows between std::threads. The caller compiles
 // this file with -march=native, so the channel loops become AVX-512 or AVX2.
@@ -160,6 +165,34 @@ void KernelGradient(const float* x, const float* g, float* dk, const Shape& s) {
   }
 }
 
+// sums[n, c] = sum over h and w of x[n, h, w, c]^2. Each thread sums a range
+// of positions of every image; the partial sums are added in a fixed order.
+void SpatialSumOfSquares(const float* x, float* sums, int64_t batch, int64_t positions,
+                         int64_t channels) {
+  int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  threads = std::min(threads, std::max<int64_t>(1, positions / 64));
+  std::vector<std::vector<float>> partial(threads, std::vector<float>(batch * channels, 0.0f));
+  auto body = [&](int64_t t) {
+    const int64_t first = positions * t / threads, last = positions * (t + 1) / threads;
+    for (int64_t n = 0; n < batch; ++n) {
+      float* out = partial[t].data() + n * channels;
+      const float* image = x + n * positions * channels;
+      for (int64_t position = first; position < last; ++position) {
+        const float* pixel = image + position * channels;
+        for (int64_t c = 0; c < channels; ++c) out[c] += pixel[c] * pixel[c];
+      }
+    }
+  };
+  std::vector<std::thread> workers;
+  for (int64_t t = 1; t < threads; ++t) workers.emplace_back(body, t);
+  body(0);
+  for (auto& worker : workers) worker.join();
+  std::memcpy(sums, partial[0].data(), batch * channels * sizeof(float));
+  for (int64_t t = 1; t < threads; ++t) {
+    for (int64_t e = 0; e < batch * channels; ++e) sums[e] += partial[t][e];
+  }
+}
+
 ffi::Error CheckShapes(ffi::Span<const int64_t> map, ffi::Span<const int64_t> kernel) {
   if (map.size() != 4 || kernel.size() != 3) {
     return ffi::Error::InvalidArgument("expected an NHWC map and a (k, k, C) kernel");
@@ -189,7 +222,19 @@ ffi::Error KernelGradientImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gra
   return ffi::Error::Success();
 }
 
+ffi::Error SpatialSumOfSquaresImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> sums) {
+  auto dims = x.dimensions();
+  if (dims.size() != 4) return ffi::Error::InvalidArgument("expected an NHWC map");
+  SpatialSumOfSquares(x.typed_data(), sums->typed_data(), dims[0], dims[1] * dims[2], dims[3]);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UemIchSpatialSumOfSquares, SpatialSumOfSquaresImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UemIchDepthwiseForward, ForwardImpl,
                               ffi::Ffi::Bind()
