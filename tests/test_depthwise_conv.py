@@ -142,7 +142,10 @@ def test_native_kernel_gradient_deterministic():
   # Each thread sums its rows apart and the partial sums are added in a fixed
   # order, so the result must not depend on how the threads were scheduled.
   x, kernel, bias = _inputs((4, 24, 24, 70), (7, 7), seed=6)
-  grad = jax.jit(jax.grad(lambda k: jnp.sum(layers.depthwise_conv(x, k, bias, implementation="native") ** 2)))
+  def loss(kernel):
+    return jnp.sum(layers.depthwise_conv(x, kernel, bias, implementation="native") ** 2)
+
+  grad = jax.jit(jax.grad(loss))
   first = np.asarray(grad(kernel))
   for _ in range(3):
     np.testing.assert_array_equal(np.asarray(grad(kernel)), first)

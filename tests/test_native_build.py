@@ -112,7 +112,8 @@ def test_compiler_from_cxx_may_be_a_wrapper(monkeypatch, tmp_path):
   compiler = _fake_compiler(tmp_path, "exit 0")
   monkeypatch.setenv("CXX", f"{compiler} --wrapped g++")
   assert native._compiler() == f"{compiler} --wrapped g++"
-  assert native._build_command(native._compiler(), tmp_path / "out")[:3] == [compiler, "--wrapped", "g++"]
+  command = native._build_command(native._compiler(), tmp_path / "out")
+  assert command[:3] == [compiler, "--wrapped", "g++"]
 
 
 def test_compiler_rejects_missing_cxx(monkeypatch):

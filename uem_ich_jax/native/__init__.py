@@ -57,7 +57,7 @@ def cache_dir() -> pathlib.Path:
 
 
 def _compiler() -> str:
-  """Return the compiler command: `$CXX` (which may hold a wrapper such as "ccache g++"), else the first found."""
+  """Return `$CXX` (a wrapper such as "ccache g++" is fine), else the first compiler found."""
   chosen = os.environ.get("CXX", "").strip()
   if chosen:
     words = shlex.split(chosen)
@@ -138,7 +138,7 @@ def _write_durably(path: pathlib.Path, data: bytes) -> None:
 
 
 def build(compiler: str) -> pathlib.Path:
-  """Compile `depthwise.cc` into the cache unless an intact copy is there; return the library's path.
+  """Compile `depthwise.cc` into the cache unless an intact copy is there; return its path.
 
   The compiler writes into a private temporary folder. The library is then
   copied into the cache under a temporary name, synced and renamed, and its
@@ -162,6 +162,8 @@ def build(compiler: str) -> pathlib.Path:
         raise NativeBuildError(
             f"{' '.join(command)} ran over {_BUILD_TIMEOUT_SECONDS} s"
         ) from error
+      except OSError as error:
+        raise NativeBuildError(f"could not run {command[0]}: {error}") from error
       if result.returncode != 0 or not output.is_file():
         raise NativeBuildError(
             f"{' '.join(command)} exited with {result.returncode}:\n{result.stderr[-4000:]}"
@@ -178,7 +180,10 @@ def build(compiler: str) -> pathlib.Path:
 
 
 def open_library(compiler: str) -> ctypes.CDLL:
-  """Build the library unless an intact copy is cached, and load it; raise NativeBuildError on failure."""
+  """Build the library unless an intact copy is cached, and load it.
+
+  Raises NativeBuildError when either fails.
+  """
   path = build(compiler)
   try:
     return ctypes.cdll.LoadLibrary(str(path))
@@ -236,7 +241,7 @@ def depthwise_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def depthwise_kernel_gradient(x: jax.Array, grad: jax.Array, size: int) -> jax.Array:
-  """Return the (size, size, C) gradient of the kernel from the input `x` and the output gradient."""
+  """Return the (size, size, C) kernel gradient from the input `x` and the output gradient."""
   call = jax.ffi.ffi_call(
       KERNEL_GRADIENT_TARGET,
       jax.ShapeDtypeStruct((size, size, x.shape[-1]), x.dtype),
