@@ -24,6 +24,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -37,11 +41,21 @@ struct Shape {
   int64_t batch, rows, columns, channels, kernel;
 };
 
+// The cores this process may run on (its affinity mask under Linux, which
+// taskset and many container runtimes set), else the machine's.
+int64_t AvailableCores() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max<int64_t>(1, std::thread::hardware_concurrency());
+}
+
 // Run body(first, last) over [0, count) split into contiguous parts, one per
-// thread, on at most the machine's hardware threads.
+// thread, on at most AvailableCores() threads.
 template <typename Body>
 void ParallelFor(int64_t count, int64_t min_per_thread, Body body) {
-  int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  int64_t threads = AvailableCores();
   threads = std::min(threads, std::max<int64_t>(1, count / min_per_thread));
   if (threads <= 1) {
     body(0, count);
@@ -142,8 +156,7 @@ void KernelGradientRows(const float* x, const float* g, float* dk, const Shape& 
 
 void KernelGradient(const float* x, const float* g, float* dk, const Shape& s) {
   const int64_t taps = s.kernel * s.kernel * s.channels;
-  int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  threads = std::min(threads, std::max<int64_t>(1, s.batch * s.rows / 4));
+  int64_t threads = std::min(AvailableCores(), std::max<int64_t>(1, s.batch * s.rows / 4));
   // One partial sum per thread, added in a fixed order so that the result
   // does not depend on scheduling.
   std::vector<std::vector<float>> partial(threads, std::vector<float>(taps, 0.0f));
@@ -169,8 +182,7 @@ void KernelGradient(const float* x, const float* g, float* dk, const Shape& s) {
 // of positions of every image; the partial sums are added in a fixed order.
 void SpatialSumOfSquares(const float* x, float* sums, int64_t batch, int64_t positions,
                          int64_t channels) {
-  int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  threads = std::min(threads, std::max<int64_t>(1, positions / 64));
+  int64_t threads = std::min(AvailableCores(), std::max<int64_t>(1, positions / 64));
   std::vector<std::vector<float>> partial(threads, std::vector<float>(batch * channels, 0.0f));
   auto body = [&](int64_t t) {
     const int64_t first = positions * t / threads, last = positions * (t + 1) / threads;
