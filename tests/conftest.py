@@ -21,9 +21,9 @@ if not jax.config.jax_compilation_cache_dir:
   )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 # Depthwise convolutions through the C++ kernels, also on several forced CPU
-# devices (where "auto" would pick the shifted sum, which compiles about 3x
-# slower than lax.conv; the suite is mostly compilation). Tests of the other
-# forms ask for them by name. Subprocesses inherit the setting.
+# devices. There, "auto" would pick the shifted sum, which compiles about 3x
+# slower than lax.conv, and the suite is mostly compilation. Tests of the
+# other forms ask for them by name. Subprocesses inherit the setting.
 os.environ.setdefault("UEM_ICH_CPU_DEPTHWISE", "native")
 # XLA's backend at optimisation level 0: compiling took 28-47% less CPU time
 # per test file (measured on 2 shared cores), and the programs run slower,
