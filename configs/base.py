@@ -65,8 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
   # each block's input only) or "block_dots" (also the matrix products).
   config.model.remat = "none"
   # Depthwise convolutions: "auto" (C++ kernels on CPU, lax.conv on
-  # accelerators), "conv", "shifted" or "native"; equal parameters and values
-  # either way.
+  # accelerators), "conv", "shifted" or "native". All take the same parameters
+  # and give the same values up to rounding.
   config.model.depthwise = "auto"
   config.model.width = 8  # tiny_cnn only: channels of its first stage, doubling per stage
   config.model.depth = 2  # tiny_cnn only: stride-2 convolution stages

@@ -79,16 +79,16 @@ def _record_calls(monkeypatch):
   return calls
 
 
-def test_auto_picks_native_on_cpu_and_conv_elsewhere(monkeypatch):
-  # The suite's conftest sets the override; users get the C++ kernels.
+def test_auto_picks_native_on_cpu(monkeypatch):
+  # The suite's conftest sets the override, while users get the C++ kernels.
   monkeypatch.delenv(layers.CPU_DEPTHWISE_VARIABLE, raising=False)
   monkeypatch.setattr(jax, "device_count", lambda: 1)
-  monkeypatch.setattr(native, "depthwise_ready", lambda: True)
+  monkeypatch.setattr(native, "kernels_ready", lambda: True)
   calls = _record_calls(monkeypatch)
   x, kernel, bias = _inputs((1, 4, 4, 2), (3, 3))
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   layers.depthwise_conv(x, kernel, bias)
-  # bfloat16 and even kernels are outside what the kernels take.
+  # The kernels take neither bfloat16 maps nor even kernels.
   layers.depthwise_conv(x.astype(jnp.bfloat16), kernel, bias)
   layers.depthwise_conv(x, kernel[:2, :2], bias)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -96,10 +96,10 @@ def test_auto_picks_native_on_cpu_and_conv_elsewhere(monkeypatch):
   assert calls == ["native", "shifted", "shifted", "conv"]
 
 
-def test_auto_falls_back_to_shifted_without_the_kernels(monkeypatch):
+def test_auto_falls_back_to_shifted(monkeypatch):
   monkeypatch.delenv(layers.CPU_DEPTHWISE_VARIABLE, raising=False)
   monkeypatch.setattr(jax, "device_count", lambda: 1)
-  monkeypatch.setattr(native, "depthwise_ready", lambda: False)
+  monkeypatch.setattr(native, "kernels_ready", lambda: False)
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   calls = _record_calls(monkeypatch)
   x, kernel, bias = _inputs((1, 4, 4, 2), (3, 3))
@@ -117,7 +117,7 @@ def test_auto_falls_back_to_shifted_without_the_kernels(monkeypatch):
         ((1, 1, 1, 3), (7, 7)),  # a single pixel: only the centre tap
     ],
 )
-def test_native_values_and_gradients_equal_lax_conv(shape, kernel_size):
+def test_native_matches_lax_conv(shape, kernel_size):
   x, kernel, bias = _inputs(shape, kernel_size, seed=4)
   target = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.float32)
 
@@ -139,8 +139,8 @@ def test_native_values_and_gradients_equal_lax_conv(shape, kernel_size):
 
 
 def test_native_kernel_gradient_deterministic():
-  # Each thread sums its rows apart and the partial sums are added in a fixed
-  # order, so the result must not depend on how the threads were scheduled.
+  # Each thread sums its own rows, and the partial sums are added in a fixed
+  # order, so repeated runs must give the same bits.
   x, kernel, bias = _inputs((4, 24, 24, 70), (7, 7), seed=6)
   def loss(kernel):
     return jnp.sum(layers.depthwise_conv(x, kernel, bias, implementation="native") ** 2)
@@ -151,7 +151,7 @@ def test_native_kernel_gradient_deterministic():
     np.testing.assert_array_equal(np.asarray(grad(kernel)), first)
 
 
-def test_native_under_vmap_equals_a_loop():
+def test_native_vmap_matches_loop():
   x, kernel, bias = _inputs((2, 6, 6, 8), (7, 7), seed=7)
   stack = jnp.stack([x, 2.0 * x, -x])
 
@@ -163,7 +163,7 @@ def test_native_under_vmap_equals_a_loop():
     np.testing.assert_allclose(batched[index], convolve(stack[index]), rtol=1e-6, atol=1e-6)
 
 
-def test_native_on_an_accelerator_is_refused(monkeypatch):
+def test_native_rejected_on_accelerator(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   x, kernel, bias = _inputs((1, 4, 4, 2), (3, 3))
   with pytest.raises(ValueError, match="CPU only"):
@@ -199,7 +199,7 @@ def test_cpu_override_of_auto(monkeypatch):
   assert layers.auto_depthwise_implementation() == "conv"
 
 
-def test_portable_kernels_trace_without_custom_calls(monkeypatch):
+def test_portable_kernels_avoid_custom_calls(monkeypatch):
   monkeypatch.setenv(layers.CPU_DEPTHWISE_VARIABLE, "native")
   x, kernel, bias = _inputs((1, 6, 6, 4), (7, 7))
 

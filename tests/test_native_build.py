@@ -10,15 +10,15 @@ import pytest
 from uem_ich_jax import native
 
 
-def test_kernels_build_and_load_where_a_compiler_exists():
+def test_kernels_build_with_compiler():
   if not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
     pytest.skip("no C++ compiler on this machine; layers use the shifted sum instead")
-  native.ensure_depthwise()
-  assert native.depthwise_ready()
+  native.ensure_kernels()
+  assert native.kernels_ready()
   assert native.library_path(native._compiler()).is_file()
 
 
-def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
   monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path / "mine"))
   assert native.cache_dir() == tmp_path / "mine"
   monkeypatch.delenv(native.CACHE_VARIABLE)
@@ -26,7 +26,7 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
   assert native.cache_dir() == tmp_path / "xdg" / "uem_ich_jax" / "native"
 
 
-def test_library_name_depends_on_the_cpu(monkeypatch):
+def test_library_path_depends_on_cpu(monkeypatch):
   # A cache shared between machines must not give one of them code built for another.
   monkeypatch.setattr(native, "_cpu_description", lambda: "model A, flags avx2")
   first = native.library_path("/usr/bin/g++")
@@ -51,7 +51,7 @@ def test_build_failure_cleans_up(monkeypatch, tmp_path):
   assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_build_reuses_the_cached_library(monkeypatch, tmp_path):
+def test_build_reuses_cached_library(monkeypatch, tmp_path):
   monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path / "cache"))
   log = tmp_path / "calls"
   # The fake compiler writes its output file, the argument after -o.
@@ -63,24 +63,24 @@ def test_build_reuses_the_cached_library(monkeypatch, tmp_path):
   assert log.read_text().count("call") == 1
 
 
-def test_unavailable_kernels_are_logged_once(monkeypatch, caplog):
+def test_kernels_ready_warns_once(monkeypatch, caplog):
   def fail():
     raise native.NativeBuildError("no C++ compiler found")
 
   monkeypatch.setattr(native, "_load", fail)
-  native.depthwise_ready.cache_clear()
+  native.kernels_ready.cache_clear()
   try:
     with caplog.at_level(logging.WARNING, logger="uem_ich_jax.native"):
-      assert not native.depthwise_ready()
-      assert not native.depthwise_ready()
+      assert not native.kernels_ready()
+      assert not native.kernels_ready()
     warnings = [record for record in caplog.records if "shifted sum" in record.getMessage()]
     assert len(warnings) == 1
     assert "no C++ compiler found" in warnings[0].getMessage()
   finally:
-    native.depthwise_ready.cache_clear()
+    native.kernels_ready.cache_clear()
 
 
-def test_build_into_an_unwritable_folder_names_the_variable(monkeypatch, tmp_path):
+def test_build_unwritable_cache_names_variable(monkeypatch, tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a folder")
   monkeypatch.setenv(native.CACHE_VARIABLE, str(blocker / "cache"))
@@ -88,7 +88,7 @@ def test_build_into_an_unwritable_folder_names_the_variable(monkeypatch, tmp_pat
     native.build(_fake_compiler(tmp_path, "exit 0"))
 
 
-def test_build_replaces_a_cut_short_library(monkeypatch, tmp_path):
+def test_build_replaces_truncated_library(monkeypatch, tmp_path):
   # Loading a truncated library can kill the process with SIGBUS, so a cached
   # file whose checksum does not match is built again before it is loaded.
   monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path / "cache"))
@@ -101,14 +101,14 @@ def test_build_replaces_a_cut_short_library(monkeypatch, tmp_path):
   assert path.read_bytes() == b"whole library"
 
 
-def test_build_leaves_a_library_others_can_read(monkeypatch, tmp_path):
+def test_build_library_mode_755(monkeypatch, tmp_path):
   monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path / "cache"))
   compiler = _fake_compiler(tmp_path, 'while [ "$1" != "-o" ]; do shift; done; echo built > "$2"')
   path = native.build(compiler)
   assert stat.S_IMODE(path.stat().st_mode) == 0o755
 
 
-def test_compiler_from_cxx_may_be_a_wrapper(monkeypatch, tmp_path):
+def test_compiler_accepts_cxx_wrapper(monkeypatch, tmp_path):
   compiler = _fake_compiler(tmp_path, "exit 0")
   monkeypatch.setenv("CXX", f"{compiler} --wrapped g++")
   assert native._compiler() == f"{compiler} --wrapped g++"
@@ -122,15 +122,15 @@ def test_compiler_rejects_missing_cxx(monkeypatch):
     native._compiler()
 
 
-def test_any_failure_to_load_falls_back(monkeypatch, caplog):
+def test_kernels_ready_catches_any_error(monkeypatch, caplog):
   def fail():
     raise AttributeError("undefined symbol: UemIchDepthwiseForward")
 
   monkeypatch.setattr(native, "_load", fail)
-  native.depthwise_ready.cache_clear()
+  native.kernels_ready.cache_clear()
   try:
     with caplog.at_level(logging.WARNING, logger="uem_ich_jax.native"):
-      assert not native.depthwise_ready()
+      assert not native.kernels_ready()
     assert "undefined symbol" in caplog.text
   finally:
-    native.depthwise_ready.cache_clear()
+    native.kernels_ready.cache_clear()

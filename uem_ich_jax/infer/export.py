@@ -103,8 +103,8 @@ def parse_platforms(platforms: str | Sequence[str]) -> tuple[str, ...]:
 def _export(
     function: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct], platforms: tuple[str, ...]
 ) -> jax.export.Exported:
-  # The C++ CPU kernels are custom calls that jax.export cannot serialise. A
-  # new function object, so that no trace from jit's cache is reused.
+  # The C++ CPU kernels are custom calls that jax.export cannot serialise. The
+  # wrapper is a new function object, so that no trace from jit's cache is reused.
   def program(*args):
     return function(*args)
 

@@ -175,7 +175,7 @@ _portable = threading.local()
 def portable_kernels():
   """Trace without the C++ CPU kernels inside this block, for programs that leave the process.
 
-  `jax.export` refuses custom calls that have no compatibility guarantee, and
+  `jax.export` rejects custom calls that have no compatibility guarantee, and
   another process would lack the kernels anyway. Inside the block "auto"
   gives the shifted sum where it would give "native". jit's cache does not
   know of the block: trace a function object that was not traced outside it.
@@ -207,7 +207,8 @@ def auto_depthwise_implementation() -> str:
     return "native" if jax.device_count() == 1 else "shifted"
   if choice not in ("conv", "shifted", "native"):
     raise ValueError(
-        f"{CPU_DEPTHWISE_VARIABLE} must be 'conv', 'shifted' or 'native', got {choice!r}"
+        f"invalid {CPU_DEPTHWISE_VARIABLE}={choice!r}: set it to 'conv', 'shifted' or 'native',"
+        " or unset it"
     )
   return choice
 
@@ -316,7 +317,10 @@ _depthwise_shifted.defvjp(_depthwise_shifted_forward, _depthwise_shifted_backwar
 
 @jax.custom_vjp
 def _depthwise_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Depthwise SAME convolution by the C++ kernels of `uem_ich_jax.native` (float32, odd k x k)."""
+  """Convolve depthwise with SAME padding by the C++ kernels of `uem_ich_jax.native`.
+
+  Takes float32 maps and odd square kernels.
+  """
   return native.depthwise_forward(x, kernel[:, :, 0, :])
 
 
@@ -347,16 +351,18 @@ def depthwise_conv(
   """Convolve each channel of NHWC `x` with its own kernel, SAME padding, stride 1.
 
   Every depthwise convolution in the models goes through this function. The
-  two implementations give the same values up to float rounding:
-  "conv" is `lax.conv_general_dilated` with one group per channel, fast where
-  the accelerator's convolution library is (cuDNN, the TPU); "shifted" sums
-  shifted multiply-adds, which XLA's CPU backend runs far faster than its
-  grouped convolution; "native" calls the C++ CPU kernels of
-  `uem_ich_jax.native`, faster still, for float32 and odd square kernels, and
-  "shifted" stands in for it elsewhere. "auto" picks "native" on one CPU
-  device, "shifted" on several and "conv" on accelerators (see
-  `auto_depthwise_implementation`); it falls back to "shifted" when the
-  kernels cannot be built, and logs a warning once.
+  three implementations give the same values up to float rounding:
+
+  - "conv" is `lax.conv_general_dilated` with one group per channel, fast where
+    the accelerator's convolution library is (cuDNN, the TPU).
+  - "shifted" sums shifted multiply-adds, which XLA's CPU backend runs far
+    faster than its grouped convolution.
+  - "native" calls the C++ CPU kernels of `uem_ich_jax.native`, faster still.
+    They take float32 and odd square kernels, and "shifted" is used otherwise.
+
+  "auto" picks "native" on one CPU device, "shifted" on several and "conv" on
+  accelerators (see `auto_depthwise_implementation`). It falls back to
+  "shifted" when the kernels cannot be built, and logs a warning once.
 
   Args:
     x: (N, H, W, C).
@@ -370,15 +376,15 @@ def depthwise_conv(
     )
   if implementation == "auto":
     implementation = auto_depthwise_implementation()
-    if implementation == "native" and not native.depthwise_ready():
+    if implementation == "native" and not native.kernels_ready():
       implementation = "shifted"
   elif implementation == "native":
     if jax.default_backend() != "cpu":
       raise ValueError(
-          f"the 'native' depthwise convolution runs on CPU only, not {jax.default_backend()};"
-          " use 'auto' or 'conv'"
+          f"invalid depthwise implementation 'native' on {jax.default_backend()}: it runs on"
+          " CPU only, so use 'auto' or 'conv'"
       )
-    native.ensure_depthwise()
+    native.ensure_kernels()
   kernel = kernel.astype(x.dtype)
   if implementation == "native" and not _native_fits(x, kernel):
     implementation = "shifted"
@@ -443,7 +449,7 @@ def spatial_sum_of_squares(x: jax.Array) -> jax.Array:
   if (
       x.dtype == jnp.float32
       and auto_depthwise_implementation() == "native"
-      and native.depthwise_ready()
+      and native.kernels_ready()
   ):
     return _native_sum_of_squares(x)
   return jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True)

@@ -2,7 +2,7 @@
 
 `depthwise.cc` has the depthwise convolution and its kernel gradient for
 NHWC float32 maps, and the per-channel sum of squares over each map that GRN
-takes. The first call of `depthwise_ready()` in a process builds it
+takes. The first call of `kernels_ready()` in a process builds it
 with the system's C++ compiler (`$CXX`, else g++, c++ or clang++) for this CPU
 (-march=native), against the FFI headers that jaxlib ships, and keeps the
 library in a per-user cache: `$UEM_ICH_NATIVE_CACHE`, else
@@ -11,7 +11,7 @@ file name hashes the source, the compiler command, jaxlib's version and the
 CPU's model and feature flags, so a cache shared by different machines never
 hands one of them code for another CPU. Building takes about 6 s on 2 cores.
 
-Where no compiler is found or the build fails, `depthwise_ready()` logs why
+Where no compiler is found or the build fails, `kernels_ready()` logs why
 once and returns False, and `layers.depthwise_conv` falls back to the shifted
 sum written in JAX.
 """
@@ -160,20 +160,20 @@ def build(compiler: str) -> pathlib.Path:
         )
       except subprocess.TimeoutExpired as error:
         raise NativeBuildError(
-            f"{' '.join(command)} ran over {_BUILD_TIMEOUT_SECONDS} s"
+            f"{' '.join(command)} timed out after {_BUILD_TIMEOUT_SECONDS} s"
         ) from error
       except OSError as error:
-        raise NativeBuildError(f"could not run {command[0]}: {error}") from error
+        raise NativeBuildError(f"failed to start {command[0]}: {error}") from error
       if result.returncode != 0 or not output.is_file():
         raise NativeBuildError(
-            f"{' '.join(command)} exited with {result.returncode}:\n{result.stderr[-4000:]}"
+            f"{' '.join(command)} failed with exit code {result.returncode}:\n{result.stderr[-4000:]}"
         )
       data = output.read_bytes()
       _write_durably(target, data)
       _write_durably(_checksum_path(target), hashlib.sha256(data).hexdigest().encode())
   except OSError as error:
     raise NativeBuildError(
-        f"cannot write to the cache folder {target.parent} ({error}); set {CACHE_VARIABLE} to a"
+        f"failed to write to the cache folder {target.parent} ({error}); set {CACHE_VARIABLE} to a"
         " writable folder"
     ) from error
   return target
@@ -195,7 +195,7 @@ def open_library(compiler: str) -> ctypes.CDLL:
 def _load() -> None:
   """Load the kernels and register them with XLA, once per process.
 
-  XLA refuses a second registration of a name from another library, so this
+  XLA rejects a second registration of a name from another library, so this
   must run once only.
   """
   library = open_library(_compiler())
@@ -206,26 +206,26 @@ def _load() -> None:
         SUM_OF_SQUARES_TARGET: library.UemIchSpatialSumOfSquares,
     }
   except AttributeError as error:
-    raise NativeBuildError(f"the built library lacks a kernel: {error}") from error
+    raise NativeBuildError(f"the built library is missing a kernel symbol: {error}") from error
   for target, symbol in symbols.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
 
 
-def ensure_depthwise() -> None:
-  """Make the kernels callable in this process, or raise NativeBuildError saying why not."""
+def ensure_kernels() -> None:
+  """Make the kernels callable in this process, or raise NativeBuildError with the reason."""
   _load()
 
 
 @functools.cache
-def depthwise_ready() -> bool:
+def kernels_ready() -> bool:
   """Return whether the kernels are callable here; log the reason once when they are not."""
   try:
     _load()
   except Exception as error:  # pylint: disable=broad-exception-caught
-    # Whatever stops the kernels, the JAX form still works: log why and go on.
+    # Any failure leaves the JAX forms usable, so log the reason and continue.
     logger.warning(
-        "the C++ depthwise kernels are unavailable, so CPU depthwise convolutions use the"
-        " slower shifted sum in JAX: %s",
+        "the C++ CPU kernels are unavailable, so depthwise convolutions use the slower"
+        " shifted sum in JAX and GRN uses jnp.sum: %s",
         error,
     )
     return False
@@ -233,7 +233,7 @@ def depthwise_ready() -> bool:
 
 
 def depthwise_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Convolve NHWC float32 `x` with a (k, k, C) kernel, SAME padding, no bias; k odd."""
+  """Convolve NHWC float32 `x` with a (k, k, C) kernel, SAME padding, no bias. k must be odd."""
   call = jax.ffi.ffi_call(
       FORWARD_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential"
   )

@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -51,16 +50,16 @@ int64_t AvailableCores() {
   return std::max<int64_t>(1, std::thread::hardware_concurrency());
 }
 
+// The number of threads for `count` items, at least `min_per_thread` each.
+int64_t ThreadCount(int64_t count, int64_t min_per_thread) {
+  return std::min(AvailableCores(), std::max<int64_t>(1, count / min_per_thread));
+}
+
 // Run body(first, last) over [0, count) split into contiguous parts, one per
-// thread, on at most AvailableCores() threads.
+// thread. The calling thread takes the first part.
 template <typename Body>
 void ParallelFor(int64_t count, int64_t min_per_thread, Body body) {
-  int64_t threads = AvailableCores();
-  threads = std::min(threads, std::max<int64_t>(1, count / min_per_thread));
-  if (threads <= 1) {
-    body(0, count);
-    return;
-  }
+  const int64_t threads = ThreadCount(count, min_per_thread);
   std::vector<std::thread> workers;
   workers.reserve(threads - 1);
   for (int64_t t = 1; t < threads; ++t) {
@@ -68,6 +67,24 @@ void ParallelFor(int64_t count, int64_t min_per_thread, Body body) {
   }
   body(0, count / threads);
   for (auto& worker : workers) worker.join();
+}
+
+// Fill out[0, size) with the sum of what body(first, last, partial) adds into
+// a zeroed partial array per part of [0, count). The parts are added in a
+// fixed order, so the result does not depend on how threads were scheduled.
+template <typename Body>
+void ParallelSum(int64_t count, int64_t min_per_thread, int64_t size, float* out, Body body) {
+  const int64_t threads = ThreadCount(count, min_per_thread);
+  std::vector<std::vector<float>> partial(threads, std::vector<float>(size, 0.0f));
+  ParallelFor(threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      body(count * t / threads, count * (t + 1) / threads, partial[t].data());
+    }
+  });
+  std::copy(partial[0].begin(), partial[0].end(), out);
+  for (int64_t t = 1; t < threads; ++t) {
+    for (int64_t e = 0; e < size; ++e) out[e] += partial[t][e];
+  }
 }
 
 // y[n, h, w, c] = sum over taps (i, j) of x[n, h + i - p, w + j - p, c] * k[i, j, c],
@@ -156,53 +173,29 @@ void KernelGradientRows(const float* x, const float* g, float* dk, const Shape& 
 
 void KernelGradient(const float* x, const float* g, float* dk, const Shape& s) {
   const int64_t taps = s.kernel * s.kernel * s.channels;
-  int64_t threads = std::min(AvailableCores(), std::max<int64_t>(1, s.batch * s.rows / 4));
-  // One partial sum per thread, added in a fixed order so that the result
-  // does not depend on scheduling.
-  std::vector<std::vector<float>> partial(threads, std::vector<float>(taps, 0.0f));
-  const int64_t count = s.batch * s.rows;
-  auto body = [&](int64_t t) {
-    const int64_t first = count * t / threads, last = count * (t + 1) / threads;
+  ParallelSum(s.batch * s.rows, 4, taps, dk, [&](int64_t first, int64_t last, float* partial) {
     for (int64_t c0 = 0; c0 < s.channels; c0 += kChannelBlock) {
       const int64_t width = std::min(kChannelBlock, s.channels - c0);
-      KernelGradientRows(x, g, partial[t].data(), s, first, last, c0, width);
+      KernelGradientRows(x, g, partial, s, first, last, c0, width);
     }
-  };
-  std::vector<std::thread> workers;
-  for (int64_t t = 1; t < threads; ++t) workers.emplace_back(body, t);
-  body(0);
-  for (auto& worker : workers) worker.join();
-  std::memcpy(dk, partial[0].data(), taps * sizeof(float));
-  for (int64_t t = 1; t < threads; ++t) {
-    for (int64_t e = 0; e < taps; ++e) dk[e] += partial[t][e];
-  }
+  });
 }
 
 // sums[n, c] = sum over h and w of x[n, h, w, c]^2. Each thread sums a range
-// of positions of every image; the partial sums are added in a fixed order.
+// of positions of every image.
 void SpatialSumOfSquares(const float* x, float* sums, int64_t batch, int64_t positions,
                          int64_t channels) {
-  int64_t threads = std::min(AvailableCores(), std::max<int64_t>(1, positions / 64));
-  std::vector<std::vector<float>> partial(threads, std::vector<float>(batch * channels, 0.0f));
-  auto body = [&](int64_t t) {
-    const int64_t first = positions * t / threads, last = positions * (t + 1) / threads;
-    for (int64_t n = 0; n < batch; ++n) {
-      float* out = partial[t].data() + n * channels;
-      const float* image = x + n * positions * channels;
-      for (int64_t position = first; position < last; ++position) {
-        const float* pixel = image + position * channels;
-        for (int64_t c = 0; c < channels; ++c) out[c] += pixel[c] * pixel[c];
-      }
-    }
-  };
-  std::vector<std::thread> workers;
-  for (int64_t t = 1; t < threads; ++t) workers.emplace_back(body, t);
-  body(0);
-  for (auto& worker : workers) worker.join();
-  std::memcpy(sums, partial[0].data(), batch * channels * sizeof(float));
-  for (int64_t t = 1; t < threads; ++t) {
-    for (int64_t e = 0; e < batch * channels; ++e) sums[e] += partial[t][e];
-  }
+  ParallelSum(positions, 64, batch * channels, sums,
+              [&](int64_t first, int64_t last, float* partial) {
+                for (int64_t n = 0; n < batch; ++n) {
+                  float* out = partial + n * channels;
+                  const float* image = x + n * positions * channels;
+                  for (int64_t position = first; position < last; ++position) {
+                    const float* pixel = image + position * channels;
+                    for (int64_t c = 0; c < channels; ++c) out[c] += pixel[c] * pixel[c];
+                  }
+                }
+              });
 }
 
 ffi::Error CheckShapes(ffi::Span<const int64_t> map, ffi::Span<const int64_t> kernel) {
